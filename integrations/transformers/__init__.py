@@ -1,0 +1,1 @@
+"""transformers adapters: model patches and ``TrainerCallback`` s."""
