@@ -56,28 +56,56 @@ class OpDescription:
 
 
 OP_TABLE: dict[str, OpDescription] = {}
+#: (op name, device type) -> (backend name, what it serves), filled as kernels are registered.
+REGISTERED: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 def describe_op(name: str, *, triton_dtypes: tuple[torch.dtype, ...] = (), note: str = "") -> None:
     OP_TABLE[name] = OpDescription(name, triton_dtypes, note)
 
 
+def _dtype_names(dtypes) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _serving(name: str, device_type: str) -> tuple[str, str]:
+    registered = REGISTERED.get((name, device_type))
+    if registered is None:
+        if not OP_TABLE[name].triton_dtypes:
+            return "reference", "no Triton kernel for this op"
+        return "reference", str(_backends.triton_unavailable_reason(device_type))
+    if _backends.environment().force_reference:
+        return "reference", "STABLECORE_FORCE_REFERENCE=1"
+    return registered
+
+
 def backend_rows() -> list[dict[str, str]]:
     """One row per (op, device type): which backend serves it and why (for ``stablecore.info``)."""
     rows = []
-    for desc in OP_TABLE.values():
-        dtypes = "/".join(str(d).removeprefix("torch.") for d in desc.triton_dtypes)
+    for name in OP_TABLE:
         for device_type in ("cpu", "cuda"):
-            reason = (
-                "no Triton kernel" if not desc.triton_dtypes
-                else _backends.triton_unavailable_reason(device_type)
-            )
-            if reason is None:
-                backend, why = "triton", f"{dtypes}; other dtypes use the reference"
-            else:
-                backend, why = "reference", reason
-            rows.append({"op": desc.name, "device": device_type, "backend": backend, "why": why})
+            backend, why = _serving(name, device_type)
+            rows.append({"op": name, "device": device_type, "backend": backend, "why": why})
     return rows
+
+
+def _register(op, backend: str, device_types, launcher, reference, unsupported_reason, serves):
+    name = op._qualname.removeprefix("stablecore::")
+    for device_type in device_types:
+
+        def kernel(*args, _device_type=device_type, **kwargs):
+            reason = unsupported_reason(*args, **kwargs)
+            if reason is None and backend == "triton":
+                reason = _backends.triton_unavailable_reason(_device_type)
+            if reason is None and _backends.environment().force_reference:
+                reason = "STABLECORE_FORCE_REFERENCE=1"
+            if reason is not None:
+                _backends.log_fallback_once(name, reason)
+                return reference(*args, **kwargs)
+            return launcher(*args, **kwargs)
+
+        op.register_kernel(device_type)(kernel)
+        REGISTERED[(name, device_type)] = (backend, serves)
 
 
 def register_triton_kernel(
@@ -85,25 +113,29 @@ def register_triton_kernel(
     launcher: Callable,
     reference: Callable,
     unsupported_reason: Callable[..., str | None],
+    dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32),
 ) -> None:
     """Register ``launcher`` as ``op``'s kernel on every device type Triton may serve.
 
     ``unsupported_reason(*args, **kwargs)`` returns why the launcher cannot serve these inputs
     (``None`` when it can); then ``reference`` runs instead and the reason is logged once.
     """
-    name = op._qualname if hasattr(op, "_qualname") else str(op)
-    for device_type in _backends.triton_device_types():
+    serves = f"{_dtype_names(dtypes)}; other inputs use the reference"
+    _register(op, "triton", _backends.triton_device_types(), launcher, reference,
+              unsupported_reason, serves)
 
-        def kernel(*args, _device_type=device_type, **kwargs):
-            reason = _backends.triton_unavailable_reason(_device_type) or unsupported_reason(
-                *args, **kwargs
-            )
-            if reason is not None:
-                _backends.log_fallback_once(name, reason)
-                return reference(*args, **kwargs)
-            return launcher(*args, **kwargs)
 
-        op.register_kernel(device_type)(kernel)
+def register_native_kernel(
+    op, device_type: str, launcher: Callable, reference: Callable,
+    unsupported_reason: Callable[..., str | None], serves: str,
+) -> None:
+    """Register a kernel of the compiled extension (``csrc/``) for ``device_type``, unless a
+    Triton launcher already serves that device type (under the interpreter, tests want Triton)."""
+    if not _backends.environment().compiled_extension:
+        return
+    if device_type in _backends.triton_device_types():
+        return
+    _register(op, "native (csrc)", (device_type,), launcher, reference, unsupported_reason, serves)
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:

@@ -70,21 +70,22 @@ def _validate(x: Tensor, dim: int) -> int:
 # ----------------------------------------------------------------------------- 1. reference
 def _s(x: Tensor) -> Tensor:
     # 1 / (1 + |x|) equals 1 / (1 - x) where it is selected, and never divides by zero.
-    return torch.where(x >= 0, x + 1, 1 / (1 + x.abs()))
+    t = 1 + x.abs()
+    return torch.where(x >= 0, t, t.reciprocal())
 
 
 def _g(x: Tensor) -> Tensor:
-    return torch.sign(x) * torch.log1p(x.abs())
+    return torch.log1p(x.abs()).copysign(x)
 
 
 def _reference_moved(xm: Tensor, log: bool) -> tuple[Tensor, Tensor]:
     """StableMax over the last dim of ``xm`` (already in the compute dtype); differentiable."""
     s = _s(xm)
     # Summing s / max(s) keeps a row of huge logits from overflowing the sum; p is unchanged.
-    row_max = s.amax(-1, keepdim=True)
-    total = (s / row_max).sum(-1, keepdim=True)
-    log_norm = row_max.log() + total.log()
-    out = _g(xm) - log_norm if log else s / row_max / total
+    inv_max = s.amax(-1, keepdim=True).reciprocal()
+    total = (s * inv_max).sum(-1, keepdim=True)
+    log_norm = total.log() - inv_max.log()
+    out = _g(xm) - log_norm if log else s * (inv_max / total)
     return out, log_norm.squeeze(-1)
 
 
@@ -240,6 +241,49 @@ for _op, _log in ((_stablemax_op, False), (_log_stablemax_op, True)):
     )
 _dispatch.register_triton_kernel(
     _stablemax_backward, _triton_backward, _reference_backward, _unsupported_backward
+)
+# ----------------------------------------------------------------------------- native CPU backend
+# csrc/stablemax_cpu.cpp, when the extension is built: multithreaded float32 rows.
+def _native_forward(log: bool):
+    def launch(x: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        dim = _validate(x, dim)
+        if x.numel() == 0:
+            return _reference_forward(x, dim, log)
+        out2d, log_norm = torch.ops.stablecore_C.stablemax_fwd(_rows(x, dim), log)
+        moved = _moved_shape(x, dim)
+        return _restore(out2d.view(moved), x, dim), log_norm.view(moved[:-1])
+
+    return launch
+
+
+def _native_backward(grad: Tensor, x: Tensor, log_norm: Tensor, dim: int, log: bool) -> Tensor:
+    if x.numel() == 0:
+        return _reference_backward(grad, x, log_norm, dim, log)
+    grad_x2d = torch.ops.stablecore_C.stablemax_bwd(
+        _rows(grad, dim), _rows(x, dim), log_norm.reshape(-1).contiguous(), log
+    )
+    return _restore(grad_x2d.view(_moved_shape(x, dim)), x, dim)
+
+
+def _native_unsupported(x: Tensor, *args) -> str | None:
+    return None if x.dtype == torch.float32 else f"dtype {x.dtype}: the CPU kernel is float32"
+
+
+def _native_unsupported_backward(grad: Tensor, x: Tensor, log_norm: Tensor, *args) -> str | None:
+    if grad.dtype != torch.float32 or log_norm.dtype != torch.float32:
+        return "the CPU kernel is float32"
+    return _native_unsupported(x)
+
+
+_NATIVE_SERVES = "float32; other dtypes use the reference"
+for _op, _log in ((_stablemax_op, False), (_log_stablemax_op, True)):
+    _dispatch.register_native_kernel(
+        _op, "cpu", _native_forward(_log), lambda x, dim, _l=_log: _reference_forward(x, dim, _l),
+        _native_unsupported, _NATIVE_SERVES,
+    )
+_dispatch.register_native_kernel(
+    _stablemax_backward, "cpu", _native_backward, _reference_backward,
+    _native_unsupported_backward, _NATIVE_SERVES,
 )
 for _name in ("stablemax", "log_stablemax", "stablemax_backward"):
     _dispatch.describe_op(_name, triton_dtypes=_TRITON_DTYPES)
