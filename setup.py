@@ -18,7 +18,10 @@ ROOT = Path(__file__).parent
 def _packages() -> tuple[list[str], dict[str, str]]:
     packages = find_packages(include=["stablecore", "stablecore.*"])
     package_dir = {"stablecore": "stablecore"}
-    for folder, name in (("kernels", "stablecore.kernels"), ("integrations", "stablecore.integrations")):
+    for folder, name in (
+        ("kernels", "stablecore.kernels"),
+        ("integrations", "stablecore.integrations"),
+    ):
         package_dir[name] = folder
         packages.append(name)
         for sub in find_packages(where=folder):
@@ -39,7 +42,9 @@ def _extensions() -> tuple[list, dict]:
     want_cuda = os.environ.get("STABLECORE_BUILD_CUDA", "auto")
     from torch.utils.cpp_extension import CUDA_HOME
 
-    use_cuda = cuda_sources and (want_cuda == "1" or (want_cuda == "auto" and CUDA_HOME is not None))
+    use_cuda = cuda_sources and (
+        want_cuda == "1" or (want_cuda == "auto" and CUDA_HOME is not None)
+    )
     if use_cuda:
         ext = CUDAExtension(
             "stablecore._C",
@@ -48,7 +53,9 @@ def _extensions() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = CppExtension("stablecore._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+        ext = CppExtension(
+            "stablecore._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"]
+        )
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -49,7 +49,9 @@ def measure(benchmark):
     def run(fn, *, case: str, impl: str, floor_bytes: float | None = None):
         benchmark.group = case
         benchmark.extra_info.update(
-            case=case, impl=impl, device=str(DEVICE),
+            case=case,
+            impl=impl,
+            device=str(DEVICE),
             floor_s=None if floor_bytes is None else floor_bytes / copy_bandwidth(),
         )
         if DEVICE.type == "cuda":
@@ -57,7 +59,9 @@ def measure(benchmark):
 
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            benchmark.extra_info["median_s"] = triton.testing.do_bench(fn, return_mode="median") / 1e3
+            benchmark.extra_info["median_s"] = (
+                triton.testing.do_bench(fn, return_mode="median") / 1e3
+            )
             benchmark.extra_info["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - base
 
         def synced():

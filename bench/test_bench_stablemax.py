@@ -51,5 +51,9 @@ def test_log_stablemax_fwd_bwd(measure, shape, impl):
     grad = torch.randn(shape, device=DEVICE, generator=gen).to(DTYPE)
     step = _fwd_bwd(fn, x, grad)
     step()  # warm-up and compile outside the timing
-    measure(step, case=f"log_stablemax fwd+bwd {shape} {DTYPE}", impl=impl,
-            floor_bytes=5 * x.numel() * x.element_size())
+    measure(
+        step,
+        case=f"log_stablemax fwd+bwd {shape} {DTYPE}",
+        impl=impl,
+        floor_bytes=5 * x.numel() * x.element_size(),
+    )

@@ -174,8 +174,16 @@ def stablemax_fwd(x2d, out2d, log_norm, log: bool) -> None:
     rows, n_cols = x2d.shape
     block, single, num_warps = _launch_config(n_cols)
     _stablemax_fwd_kernel[(rows,)](
-        x2d, out2d, log_norm, n_cols, x2d.stride(0), out2d.stride(0),
-        LOG=log, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
+        x2d,
+        out2d,
+        log_norm,
+        n_cols,
+        x2d.stride(0),
+        out2d.stride(0),
+        LOG=log,
+        BLOCK=block,
+        SINGLE_BLOCK=single,
+        num_warps=num_warps,
     )
 
 
@@ -184,7 +192,16 @@ def stablemax_bwd(grad2d, x2d, log_norm, grad_x2d, log: bool) -> None:
     rows, n_cols = x2d.shape
     block, single, num_warps = _launch_config(n_cols)
     _stablemax_bwd_kernel[(rows,)](
-        grad2d, x2d, log_norm, grad_x2d, n_cols,
-        grad2d.stride(0), x2d.stride(0), grad_x2d.stride(0),
-        LOG=log, BLOCK=block, SINGLE_BLOCK=single, num_warps=num_warps,
+        grad2d,
+        x2d,
+        log_norm,
+        grad_x2d,
+        n_cols,
+        grad2d.stride(0),
+        x2d.stride(0),
+        grad_x2d.stride(0),
+        LOG=log,
+        BLOCK=block,
+        SINGLE_BLOCK=single,
+        num_warps=num_warps,
     )

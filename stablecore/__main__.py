@@ -52,8 +52,17 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.report is None:
             env = dict(os.environ, STABLECORE_BENCH_SMOKE="1" if args.smoke else "0")
-            cmd = [sys.executable, "-m", "pytest", args.bench_dir, "-q", "-p", "no:cacheprovider",
-                   f"--benchmark-json={args.json}", *args.pytest_args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pytest",
+                args.bench_dir,
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--benchmark-json={args.json}",
+                *args.pytest_args,
+            ]
             code = subprocess.call(cmd, env=env)
             if code != 0:
                 return code

@@ -69,7 +69,9 @@ def write_report(json_path: Path, md_path: Path) -> Path:
     if ratios:
         fig, ax = plt.subplots(figsize=(8, 0.45 * len(ratios) + 1.2))
         labels, values = zip(*ratios)
-        ax.barh(range(len(values)), values, color=["tab:green" if v < 1 else "tab:red" for v in values])
+        ax.barh(
+            range(len(values)), values, color=["tab:green" if v < 1 else "tab:red" for v in values]
+        )
         ax.axvline(1.0, color="black", lw=0.8)
         ax.set_yticks(range(len(values)), labels, fontsize=7)
         ax.set_xlabel("time ours / peer (below 1: stablecore faster)")

@@ -14,8 +14,12 @@ from stablecore import _backends
 # One profile for every hypothesis test: few, deadline-free examples (the interpreter is slow
 # and CI has two cores); STABLECORE_HYPOTHESIS_PROFILE=thorough for a longer local hunt.
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow],
-    derandomize=False, print_blob=True,
+    "ci",
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    derandomize=False,
+    print_blob=True,
 )
 settings.register_profile("thorough", max_examples=200, deadline=None)
 settings.load_profile(os.environ.get("STABLECORE_HYPOTHESIS_PROFILE", "ci"))
@@ -25,7 +29,9 @@ INTERPRET = _backends.environment().triton_interpret
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
-    skip_interp = pytest.mark.skip(reason="needs TRITON_INTERPRET=1 (run: TRITON_INTERPRET=1 pytest -m interpret)")
+    skip_interp = pytest.mark.skip(
+        reason="needs TRITON_INTERPRET=1 (run: TRITON_INTERPRET=1 pytest -m interpret)"
+    )
     no_triton = pytest.mark.skip(reason="triton is not installed")
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():

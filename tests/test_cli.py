@@ -37,13 +37,15 @@ def test_demo_rejects_unknown_name(tmp_path):
 
 def test_bench_report_ratios(tmp_path):
     def bench(impl, median, floor=None):
-        return {"stats": {"median": median},
-                "extra_info": {"case": "op [4, 4]", "impl": impl, "median_s": median,
-                               "floor_s": floor}}
+        return {
+            "stats": {"median": median},
+            "extra_info": {"case": "op [4, 4]", "impl": impl, "median_s": median, "floor_s": floor},
+        }
 
     path = tmp_path / "b.json"
-    path.write_text(json.dumps({"benchmarks": [bench("stablecore", 0.002, 0.001),
-                                               bench("peer", 0.004)]}))
+    path.write_text(
+        json.dumps({"benchmarks": [bench("stablecore", 0.002, 0.001), bench("peer", 0.004)]})
+    )
     md = write_report(path, tmp_path / "b.md").read_text()
     assert "| op [4, 4] | peer | 4 | - | 0.5 | - |" in md
     assert "| op [4, 4] | stablecore | 2 | - | - | 2 |" in md

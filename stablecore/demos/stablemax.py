@@ -60,7 +60,8 @@ def run(ctx: DemoContext) -> DemoResult:
                 {
                     "loss": f"{kind} cross-entropy",
                     "dtype": str(dtype).removeprefix("torch."),
-                    "first gap with grad_y == 0": "none up to 1e11" if collapse != collapse
+                    "first gap with grad_y == 0": "none up to 1e11"
+                    if collapse != collapse
                     else f"{collapse:.3g}",
                 }
             )

@@ -121,13 +121,24 @@ def register_triton_kernel(
     (``None`` when it can); then ``reference`` runs instead and the reason is logged once.
     """
     serves = f"{_dtype_names(dtypes)}; other inputs use the reference"
-    _register(op, "triton", _backends.triton_device_types(), launcher, reference,
-              unsupported_reason, serves)
+    _register(
+        op,
+        "triton",
+        _backends.triton_device_types(),
+        launcher,
+        reference,
+        unsupported_reason,
+        serves,
+    )
 
 
 def register_native_kernel(
-    op, device_type: str, launcher: Callable, reference: Callable,
-    unsupported_reason: Callable[..., str | None], serves: str,
+    op,
+    device_type: str,
+    launcher: Callable,
+    reference: Callable,
+    unsupported_reason: Callable[..., str | None],
+    serves: str,
 ) -> None:
     """Register a kernel of the compiled extension (``csrc/``) for ``device_type``, unless a
     Triton launcher already serves that device type (under the interpreter, tests want Triton)."""

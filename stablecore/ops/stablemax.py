@@ -220,8 +220,11 @@ def _triton_backward(grad: Tensor, x: Tensor, log_norm: Tensor, dim: int, log: b
         return grad_x
     n_cols = grad_x_moved.shape[-1]
     kernels.stablemax_bwd(
-        _rows(grad, dim), _rows(x, dim), log_norm.reshape(-1).contiguous(),
-        grad_x_moved.view(-1, n_cols), log,
+        _rows(grad, dim),
+        _rows(x, dim),
+        log_norm.reshape(-1).contiguous(),
+        grad_x_moved.view(-1, n_cols),
+        log,
     )
     return grad_x
 
@@ -236,12 +239,16 @@ def _unsupported_backward(grad: Tensor, x: Tensor, log_norm: Tensor, *args) -> s
 
 for _op, _log in ((_stablemax_op, False), (_log_stablemax_op, True)):
     _dispatch.register_triton_kernel(
-        _op, _triton_forward(_log), lambda x, dim, _l=_log: _reference_forward(x, dim, _l),
+        _op,
+        _triton_forward(_log),
+        lambda x, dim, _l=_log: _reference_forward(x, dim, _l),
         _unsupported,
     )
 _dispatch.register_triton_kernel(
     _stablemax_backward, _triton_backward, _reference_backward, _unsupported_backward
 )
+
+
 # ----------------------------------------------------------------------------- native CPU backend
 # csrc/stablemax_cpu.cpp, when the extension is built: multithreaded float32 rows.
 def _native_forward(log: bool):
@@ -278,12 +285,20 @@ def _native_unsupported_backward(grad: Tensor, x: Tensor, log_norm: Tensor, *arg
 _NATIVE_SERVES = "float32; other dtypes use the reference"
 for _op, _log in ((_stablemax_op, False), (_log_stablemax_op, True)):
     _dispatch.register_native_kernel(
-        _op, "cpu", _native_forward(_log), lambda x, dim, _l=_log: _reference_forward(x, dim, _l),
-        _native_unsupported, _NATIVE_SERVES,
+        _op,
+        "cpu",
+        _native_forward(_log),
+        lambda x, dim, _l=_log: _reference_forward(x, dim, _l),
+        _native_unsupported,
+        _NATIVE_SERVES,
     )
 _dispatch.register_native_kernel(
-    _stablemax_backward, "cpu", _native_backward, _reference_backward,
-    _native_unsupported_backward, _NATIVE_SERVES,
+    _stablemax_backward,
+    "cpu",
+    _native_backward,
+    _reference_backward,
+    _native_unsupported_backward,
+    _NATIVE_SERVES,
 )
 for _name in ("stablemax", "log_stablemax", "stablemax_backward"):
     _dispatch.describe_op(_name, triton_dtypes=_TRITON_DTYPES)

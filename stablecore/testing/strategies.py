@@ -17,9 +17,7 @@ def float_dtypes(dtypes=INTERPRET_DTYPES) -> st.SearchStrategy[torch.dtype]:
 def row_lengths(block: int = 1024, max_blocks: int = 3) -> st.SearchStrategy[int]:
     """Row lengths that stress a blocked kernel: 1, odd sizes, and block boundaries +-1."""
     edges = [n for k in range(1, max_blocks + 1) for n in (k * block - 1, k * block, k * block + 1)]
-    return st.one_of(
-        st.sampled_from([1, 2, 3, *edges]), st.integers(1, max_blocks * block + 7)
-    )
+    return st.one_of(st.sampled_from([1, 2, 3, *edges]), st.integers(1, max_blocks * block + 7))
 
 
 def shapes(
