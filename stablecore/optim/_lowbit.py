@@ -1,0 +1,222 @@
+"""Low-bit optimizer states: blockwise quantizers for Adam's first and second moments.
+
+Schemes (``state_bits``):
+
+* 32: fp32 moments. 16: bf16 moments (round to nearest).
+* 8: blockwise dynamic quantization, block 256, fp32 absmax per block; m uses the signed
+  dynamic-tree map (256 codes), v the unsigned one (bitsandbytes / torchao layout).
+* 4: block 128, fp32 absmax per block, two codes per byte (element ``2i`` in the high nibble);
+  m uses the signed dynamic map ``create_dynamic_map(True, 3, 4)`` (16 codes, +1 but no -1), v the
+  linear map *without zero* ``{1/16, ..., 1}``: the zero-point problem of the 4-bit paper (an
+  entry of v rounded to 0 makes ``1/sqrt(v)`` explode) is why v must not have a zero code.
+* Tensors with fewer than :data:`MIN_QUANT_NUMEL` (4096) elements keep fp32 states whatever
+  ``state_bits`` says; the rule depends on the *logical* numel only (never on sharding).
+
+The quantizer is *exactly* nearest-code: ``x / absmax`` is computed in fp32 (IEEE division) and the
+code is the index of the nearest map entry in exact arithmetic, ties to the lower index. It is
+implemented as "count the decision thresholds strictly below ``x / absmax``" where each threshold
+is the exact midpoint of two neighbouring codes rounded *down* to fp32; for an fp32 input this
+comparison equals the exact one (see :func:`thresholds`). Blocks whose absmax is 0 quantize
+every entry as if it were 0. A trailing partial block is zero-padded.
+
+Example::
+
+    codes, absmax = quantize_blockwise(torch.randn(5000), qmap("m", 4), 128)
+    x = dequantize_blockwise(codes, absmax, qmap("m", 4), 128, 5000)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+MIN_QUANT_NUMEL = 4096
+BLOCK_SIZES = {8: 256, 4: 128}
+STATE_BITS = (32, 16, 8, 4)
+
+
+def dynamic_map(
+    signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8
+) -> list[float]:
+    """The dynamic-tree ("DE") map of the 8-bit optimizers paper, as a sorted list of floats.
+
+    Each exponent ``i`` contributes the midpoints of a linear split of [0.1, 1] scaled by
+    ``10**(i - max_exponent_bits + 1)``; 0 and 1 are appended. Computed in float64.
+    """
+    data: list[float] = []
+    for i in range(max_exponent_bits):
+        # the sign bit of the signed map is paid for by halving every exponent's fraction items
+        n_items = 2 ** (i + total_bits - max_exponent_bits - (1 if signed else 0))
+        bounds = [0.1 + 0.9 * j / n_items for j in range(n_items + 1)]
+        means = [(a + b) / 2 for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        scale = 10.0 ** (-(max_exponent_bits - 1) + i)
+        data += [scale * m for m in means]
+        if signed:
+            data += [-scale * m for m in means]
+    data += [0.0, 1.0]
+    while len(data) < 2**total_bits:  # unsigned maps of fewer bits: pad with zeros like bnb
+        data.append(0.0)
+    if len(data) != 2**total_bits:
+        raise ValueError(f"dynamic map has {len(data)} entries, expected {2**total_bits}")
+    return sorted(data)
+
+
+def linear_map_no_zero(bits: int = 4) -> list[float]:
+    """``{(i + 1) / 2**bits}``: the unsigned linear map without zero (lpmm's "power-1")."""
+    return [(i + 1) / 2**bits for i in range(2**bits)]
+
+
+@functools.cache
+def _qmap_cpu(kind: str, bits: int) -> torch.Tensor:
+    if bits == 8:
+        values = dynamic_map(signed=(kind == "m"), max_exponent_bits=7, total_bits=8)
+    elif bits == 4:
+        values = dynamic_map(True, 3, 4) if kind == "m" else linear_map_no_zero(4)
+    else:
+        raise ValueError(f"no quantization map for state_bits={bits}; use 8 or 4")
+    return torch.tensor(values, dtype=torch.float64).to(torch.float32)
+
+
+def qmap(kind: str, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The code table (fp32, sorted ascending) for moment ``kind`` ("m" or "v") at ``bits``."""
+    if kind not in ("m", "v"):
+        raise ValueError(f"kind must be 'm' or 'v', got {kind!r}")
+    return _qmap_cpu(kind, bits).to(device)
+
+
+@functools.cache
+def _thresholds_cpu(kind: str, bits: int) -> torch.Tensor:
+    q = _qmap_cpu(kind, bits).double()
+    mid = (q[:-1] + q[1:]) / 2  # exact: sum of two fp32 values fits a float64
+    t = mid.to(torch.float32)
+    # round down to fp32 so that "x > t" (x fp32) equals "x > mid" exactly: if mid is not an
+    # fp32 value it lies strictly between t and the next float up, and no fp32 x sits in between
+    t = torch.where(t.double() > mid, torch.nextafter(t, torch.tensor(-float("inf"))), t)
+    return t
+
+
+def thresholds(kind: str, bits: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Decision thresholds ``[2**bits - 1]`` fp32: code = #{k : x > thresholds[k]}."""
+    return _thresholds_cpu(kind, bits).to(device)
+
+
+def is_quantized(numel: int, bits: int) -> bool:
+    """Whether a tensor of ``numel`` elements gets quantized states at ``bits``."""
+    return bits in BLOCK_SIZES and numel >= MIN_QUANT_NUMEL
+
+
+def _normalize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.numel()
+    nblocks = -(-n // block)
+    flat = torch.zeros(nblocks * block, dtype=torch.float32, device=x.device)
+    flat[:n] = x.reshape(-1).to(torch.float32)
+    blocks = flat.view(nblocks, block)
+    absmax = blocks.abs().amax(dim=1)
+    safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+    normed = torch.where(absmax[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks))
+    return normed, absmax
+
+
+def codes_of(normed: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """Nearest-code indices (int64) of fp32 values already divided by their block absmax."""
+    return torch.searchsorted(thr, normed.contiguous(), right=False)
+
+
+def pack4(codes: torch.Tensor) -> torch.Tensor:
+    """``[2k]`` codes in 0..15 -> ``[k]`` uint8, element ``2i`` in the high nibble."""
+    c = codes.to(torch.uint8).view(-1, 2)
+    return (c[:, 0] << 4) | c[:, 1]
+
+
+def unpack4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack4`: ``[k]`` uint8 -> ``[2k]`` int64 codes."""
+    hi = (packed >> 4) & 15
+    lo = packed & 15
+    return torch.stack([hi, lo], dim=1).reshape(-1).to(torch.int64)
+
+
+def quantize_blockwise(x: torch.Tensor, kind: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` (any shape, any float dtype) -> (codes uint8, absmax fp32 ``[nblocks]``).
+
+    codes: ``[nblocks * block]`` for 8 bits, ``[nblocks * block // 2]`` (packed) for 4 bits.
+    """
+    block = BLOCK_SIZES[bits]
+    normed, absmax = _normalize(x, block)
+    codes = codes_of(normed.reshape(-1), thresholds(kind, bits, x.device))
+    if bits == 4:
+        return pack4(codes), absmax
+    return codes.to(torch.uint8), absmax
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, kind: str, bits: int, numel: int
+) -> torch.Tensor:
+    """fp32 ``[numel]`` values of quantized state (``qmap[code] * absmax``)."""
+    block = BLOCK_SIZES[bits]
+    idx = unpack4(codes) if bits == 4 else codes.to(torch.int64)
+    q = qmap(kind, bits, codes.device)[idx].view(-1, block)
+    return (q * absmax[:, None]).reshape(-1)[:numel]
+
+
+# ---- state entries in optimizer.state[p] -------------------------------------------------
+
+
+def moment_keys(name: str) -> tuple[str, str]:
+    return f"{name}_codes", f"{name}_absmax"
+
+
+def init_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> None:
+    """Create zero state ``name`` for param ``p`` at ``bits`` (fp32 under 4096 elements)."""
+    if is_quantized(p.numel(), bits):
+        block = BLOCK_SIZES[bits]
+        nblocks = -(-p.numel() // block)
+        kind = "m" if name == "exp_avg" else "v"
+        # zero input quantizes to the code of 0 (m) / the smallest code (v): either way 0 * 0
+        codes, absmax = quantize_blockwise(torch.zeros(1, device=p.device), kind, bits)
+        ckey, akey = moment_keys(name)
+        per_byte = 2 if bits == 4 else 1
+        state[ckey] = torch.full(
+            (nblocks * block // per_byte,), int(codes[0]), dtype=torch.uint8, device=p.device
+        )
+        state[akey] = torch.zeros(nblocks, dtype=torch.float32, device=p.device)
+    else:
+        dtype = torch.bfloat16 if bits == 16 else torch.float32
+        state[name] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+
+def load_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> torch.Tensor:
+    """The moment ``name`` as an fp32 tensor shaped like ``p``."""
+    if name in state:
+        return state[name].to(torch.float32)
+    ckey, akey = moment_keys(name)
+    kind = "m" if name == "exp_avg" else "v"
+    return dequantize_blockwise(state[ckey], state[akey], kind, bits, p.numel()).view(p.shape)
+
+
+def store_moment(
+    state: dict, name: str, value: torch.Tensor, keep: torch.Tensor | None = None
+) -> None:
+    """Write fp32 ``value`` into state ``name`` (quantizing if needed).
+
+    ``keep``: 0-d bool tensor; where False the old state stays untouched (no host sync).
+    """
+    if name in state:
+        new = value.to(state[name].dtype)
+        state[name].copy_(new if keep is None else torch.where(keep, new, state[name]))
+        return
+    ckey, akey = moment_keys(name)
+    kind = "m" if name == "exp_avg" else "v"
+    # 4-bit packs a 128-block into 64 bytes, 8-bit a 256-block into 256 bytes
+    bits = 4 if state[ckey].numel() == state[akey].numel() * 64 else 8
+    codes, absmax = quantize_blockwise(value, kind, bits)
+    if keep is not None:
+        codes = torch.where(keep, codes, state[ckey])
+        absmax = torch.where(keep, absmax, state[akey])
+    state[ckey].copy_(codes)
+    state[akey].copy_(absmax)
+
+
+def state_bytes(state: dict) -> int:
+    """Bytes held by the tensors of one parameter's state."""
+    return sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
