@@ -6,6 +6,14 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 failed=0
 
+# One torch thread per test process, and one process per core (pytest-xdist, in the dev extra):
+# on a 2-core machine this halves the wall time; oversubscribed threads would double it.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+parallel=()
+if python -c "import xdist" 2>/dev/null; then
+  parallel=(-n "$(python -c 'import os; print(min(4, os.cpu_count() or 1))')")
+fi
+
 # pytest exits 5 when a selection holds no test; that is not a failure of the suite.
 run() {
   echo; echo "== $1"; shift
@@ -14,8 +22,8 @@ run() {
   if [ "$code" -ne 0 ] && [ "$code" -ne 5 ]; then failed=1; fi
 }
 
-run "reference tier" python -m pytest tests -q -m "not interpret and not gpu" -p no:cacheprovider "$@"
-run "interpret tier (TRITON_INTERPRET=1)" env TRITON_INTERPRET=1 python -m pytest tests -q -m interpret -p no:cacheprovider "$@"
+run "reference tier" python -m pytest tests -q -m "not interpret and not gpu" -p no:cacheprovider "${parallel[@]}" "$@"
+run "interpret tier (TRITON_INTERPRET=1)" env TRITON_INTERPRET=1 python -m pytest tests -q -m interpret -p no:cacheprovider "${parallel[@]}" "$@"
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   run "gpu tier" python -m pytest tests -q -m gpu -p no:cacheprovider "$@"
 fi
