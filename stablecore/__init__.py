@@ -22,8 +22,12 @@ _SUBMODULES = ("ops", "nn", "optim", "methods", "testing", "demos", "kernels", "
 def __getattr__(name: str):
     if name in _SUBMODULES:
         return importlib.import_module(f"stablecore.{name}")
+    if name == "quantize_linear_layers":  # 4-bit training entry point, at the top level
+        from stablecore.nn.quant_linear import quantize_linear_layers
+
+        return quantize_linear_layers
     raise AttributeError(f"module 'stablecore' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_SUBMODULES])
+    return sorted([*globals(), *_SUBMODULES, "quantize_linear_layers"])

@@ -10,12 +10,15 @@ from stablecore.nn.multimodal import (
     TabularEncoder,
     drop_modalities,
 )
+from stablecore.nn.quant_linear import QuantLinear, quantize_linear_layers
 
 __all__ = [
     "CascadedModalityTransformer",
     "ImageEncoder",
     "MultimodalOutput",
+    "QuantLinear",
     "StableMaxCrossEntropyLoss",
     "TabularEncoder",
     "drop_modalities",
+    "quantize_linear_layers",
 ]

@@ -7,6 +7,7 @@ Triton kernels serve CUDA (and CPU under ``TRITON_INTERPRET=1``); see ``python -
 from __future__ import annotations
 
 from stablecore.ops._dispatch import reference_mode
+from stablecore.ops.fake_quant import fake_quant
 from stablecore.ops.linear_cross_entropy import linear_cross_entropy, stablemax_linear_cross_entropy
 from stablecore.ops.multi_cross_attention import multi_cross_attention
 from stablecore.ops.orthogonalize import orthogonalize_, orthogonalize_stats
@@ -15,6 +16,7 @@ from stablecore.ops.stablemax import log_stablemax, stablemax
 from stablecore.ops.stablemax_cross_entropy import stablemax_cross_entropy
 
 __all__ = [
+    "fake_quant",
     "linear_cross_entropy",
     "log_stablemax",
     "multi_cross_attention",
