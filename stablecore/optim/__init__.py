@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+from stablecore.optim._distributed import get_optimizer_extra, set_optimizer_extra
 from stablecore.optim.orthograd import NLMAlignment, OrthoGrad, nlm_alignment, orthogonalize_
 from stablecore.optim.spam import SPAM
 from stablecore.optim.stable_spam import StableSPAM
 
-__all__ = ["SPAM", "NLMAlignment", "OrthoGrad", "StableSPAM", "nlm_alignment", "orthogonalize_"]
+__all__ = [
+    "SPAM",
+    "NLMAlignment",
+    "OrthoGrad",
+    "StableSPAM",
+    "get_optimizer_extra",
+    "nlm_alignment",
+    "orthogonalize_",
+    "set_optimizer_extra",
+]

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from stablecore.ops import orthogonalize as _ops
+from stablecore.optim import _distributed
 
 __all__ = ["NLMAlignment", "OrthoGrad", "nlm_alignment", "orthogonalize_"]
 
@@ -51,6 +52,10 @@ def orthogonalize_(params: Iterable[Tensor], renorm: bool = True) -> None:
 
         >>> loss.backward(); orthogonalize_(model.parameters()); opt.step()
     """
+    params = list(params)
+    if any(_distributed.is_dtensor(p) for p in params):  # FSDP2: whole-tensor statistics
+        _distributed.orthogonalize_dtensor_(params, renorm=renorm)
+        return
     ws, gs = _with_grads(params)
     _ops.orthogonalize_(ws, gs, renorm=renorm)
 

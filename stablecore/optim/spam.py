@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from stablecore.optim import _lowbit
+from stablecore.optim import _distributed, _lowbit
 from stablecore.optim._multi_tensor import CommonOptimizerMixin, bf16_stochastic_round
 
 
@@ -118,15 +118,15 @@ class SPAM(CommonOptimizerMixin, torch.optim.Optimizer):
         clip = k1 >= self.grad_accu_steps and (gap == 0 or k1 % gap >= self.grad_accu_steps)
         scale = warmup_scale(self.current_step, self.warmup_epoch)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            ps = [p for p in group["params"] if p.grad is not None]
+            for p in ps:
                 if p.grad.is_sparse:
                     raise TypeError("SPAM does not support sparse gradients")
-                if self.compat == "reference":
+            if self.compat == "reference":
+                for p in ps:
                     self._reference_param_step(p, group, reset, clip, scale)
-                else:
-                    self._clean_param_step(p, group, reset, clip, scale)
+            elif ps:
+                self._clean_group_step(ps, group, reset, clip, scale)
         self.total_steps += 1
         self.current_step += 1
         if gap != 0 and (self.total_steps + 1) % gap == 0:
@@ -171,18 +171,37 @@ class SPAM(CommonOptimizerMixin, torch.optim.Optimizer):
             else:
                 p.add_(p, alpha=-lr * group["weight_decay"])
 
-    def _clean_param_step(self, p, group, reset: bool, clip: bool, scale: float) -> None:
-        state = self.state[p]
+    def _clean_group_step(self, ps, group, reset: bool, clip: bool, scale: float) -> None:
+        # the only per-tensor statistic is "is the whole gradient finite": its shard-local
+        # partials (max|g|) of all tensors of a device bucket go through one reduction
+        dist_mesh = _distributed.check_group(ps, "SPAM")
+        buckets: dict[torch.device, list[torch.Tensor]] = {}
+        for p in ps:
+            buckets.setdefault(p.device, []).append(p)
+        for bucket in buckets.values():
+            gs = []
+            for p in bucket:
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    _distributed.init_moment(state, "exp_avg", p, self.state_bits)
+                    _distributed.init_moment(state, "exp_avg_sq", p, self.state_bits)
+                g = _distributed.local(p.grad).to(torch.float32)
+                gs.append(-g if group["maximize"] else g)
+            partial = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for g in gs])
+            d_max = _distributed.reducers(bucket)[0] if dist_mesh is not None else None
+            reduce_max = _distributed.compose(d_max, self.reduce_max)
+            keep = torch.isfinite(reduce_max(partial) if reduce_max is not None else partial)
+            self._count_nonfinite(keep)
+            for i, p in enumerate(bucket):
+                state = _distributed.local_state(self.state[p])
+                self._clean_param_step(
+                    _distributed.local(p), state, gs[i], keep[i], group, reset, clip, scale
+                )
+
+    def _clean_param_step(self, p, state, g, keep, group, reset, clip, scale) -> None:
+        """One (local) tensor: ``g`` fp32 (sign applied), ``keep`` 0-d bool."""
         bits = self.state_bits
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            _lowbit.init_moment(state, "exp_avg", p, bits)
-            _lowbit.init_moment(state, "exp_avg_sq", p, bits)
-        g = p.grad.to(torch.float32)
-        if group["maximize"]:
-            g = -g
-        keep = torch.isfinite(g.abs().amax())
-        self._count_nonfinite(keep)
         if reset:
             m = torch.zeros_like(g)
             v = torch.zeros_like(g)

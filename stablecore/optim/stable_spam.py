@@ -33,6 +33,8 @@ differs as follows (notes Q1-Q5):
    clips ``p.grad`` in place (compat mode does too) and syncs twice per tensor per step.
 6. Clean adds: ``state_bits`` 32/16/8/4, ``maximize``, ``lr`` as a tensor, non-finite gradient
    skipping (``nonfinite_steps``), per-group gamma/theta/update_proj_gap, fused kernels.
+7. FSDP2 (DTensor params): per-tensor max and norm over the whole logical tensor, one
+   all-reduce per pass per bucket; states are DTensors (see :mod:`stablecore.optim._distributed`).
 
 Example::
 
@@ -47,7 +49,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from stablecore.optim import _lowbit
+from stablecore.optim import _distributed, _lowbit
 from stablecore.optim import _multi_tensor as mt
 from stablecore.optim._multi_tensor import CommonOptimizerMixin, bf16_stochastic_round
 
@@ -166,6 +168,7 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
                 for p in params:
                     self._reference_param_step(p, group, k)
                 continue
+            dist_mesh = _distributed.check_group(params, "StableSPAM")
             scale = 1.0
             if group["total_T"] is not None:
                 scale = clean_cosine(k, group["total_T"], group["eta_min"])
@@ -176,6 +179,8 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
                 for p in ps:
                     if "scalars" not in self.state[p]:
                         self._init_clean_state(p)
+                # FSDP2: per-tensor partials of the bucket all-reduced once per pass
+                d_max, d_sum = _distributed.reducers(ps) if dist_mesh is not None else (None, None)
                 hp = mt.StepHyper(
                     lr=self._lr_tensor(group["lr"], device),
                     beta1=group["betas"][0] * scale,
@@ -190,8 +195,8 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
                     maximize=group["maximize"],
                     state_bits=self.state_bits,
                     stochastic_rounding=group["stochastic_rounding"],
-                    reduce_max=self.reduce_max,
-                    reduce_sum=self.reduce_sum,
+                    reduce_max=_distributed.compose(d_max, self.reduce_max),
+                    reduce_sum=_distributed.compose(d_sum, self.reduce_sum),
                 )
                 finite = self._bucket_step(ps, [p.grad for p in ps], hp)
                 self._count_nonfinite(finite)
@@ -200,12 +205,16 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
     def _init_clean_state(self, p: torch.Tensor) -> None:
         state = self.state[p]
         state["scalars"] = mt.initial_scalars(p.device)
-        _lowbit.init_moment(state, "exp_avg", p, self.state_bits)
-        _lowbit.init_moment(state, "exp_avg_sq", p, self.state_bits)
+        # DTensor params get DTensor states (shard-local blocks, see _distributed)
+        _distributed.init_moment(state, "exp_avg", p, self.state_bits)
+        _distributed.init_moment(state, "exp_avg_sq", p, self.state_bits)
 
     def _bucket_step(self, ps, gs, hp: mt.StepHyper) -> torch.Tensor:
         backend = self._resolve_backend(ps[0].device, sum(p.numel() for p in ps))
-        states = [self.state[p] for p in ps]
+        # element-wise work on the local shards (identity for plain tensors)
+        ps, gs, states = _distributed.local_views(ps, gs, [self.state[p] for p in ps])
+        if any(p.numel() == 0 for p in ps):  # an empty shard still joins the collectives
+            backend = "eager"
         if backend == "triton":
             from stablecore import _backends
             from stablecore.kernels.stable_spam import SUPPORTED_DTYPES, fused_stable_spam_step
@@ -286,7 +295,8 @@ def eager_stable_spam_step(ps, gs, states, hp: mt.StepHyper) -> torch.Tensor:
     dicts. Returns ``finite: [n] bool`` (False: that tensor was skipped). No host sync.
     """
     g32 = [(-g if hp.maximize else g).to(torch.float32) for g in gs]
-    M = torch.stack([g.abs().amax() for g in g32])  # pass A
+    # pass A (an empty shard's partial is 0: max|g| >= 0)
+    M = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for g in g32])
     if hp.reduce_max is not None:
         M = hp.reduce_max(M)
     finite = torch.isfinite(M)

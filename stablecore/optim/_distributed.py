@@ -1,0 +1,301 @@
+"""DTensor (FSDP2) support for stablecore's optimizers: exact per-tensor statistics across shards,
+shard-local (low-bit) states that carry their placement, resharding checkpoints.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``) every parameter is a DTensor sharded along
+dim 0. The optimizers work on the *local* shards (element-wise work stays shard-local) and
+compute every per-tensor statistic over the whole logical tensor:
+
+* :func:`reducers`: the shard-local partials of all tensors of a bucket are stacked into one
+  ``[n]`` (or ``[n, k]``) vector and all-reduced once per pass (MAX for ``max|g|``, SUM for sums
+  of squares and dot products): one collective per pass per mesh dimension that shards
+  something (one for FSDP2's 1-D mesh), never one per tensor. Tensors replicated on a mesh
+  dimension contribute their partial from coordinate 0 only, so nothing is counted twice.
+  The result equals the unsharded optimizer's up to the order of the floating-point sum.
+* :func:`check_group`: a group must be all plain tensors or all DTensors on one mesh (else
+  ``ValueError``); ``Partial`` placements are rejected.
+* :func:`init_moment`: states of a DTensor parameter are DTensors with the parameter's mesh and
+  placements, so ``torch.distributed.checkpoint`` saves them and reshards them on load.
+
+Low-bit blocks on shards (the rule). A DTensor parameter of logical shape ``[R, *rest]`` gets
+quantized moments iff ``_lowbit.is_quantized(numel, bits)`` (logical numel, as unsharded), it
+has ``ndim >= 2``, every placement is ``Shard(0)`` or ``Replicate()``, and its row length
+``L = numel / R`` is a multiple of the block (256 at 8 bits, 128 at 4 bits). Then the blocks are
+aligned to the flattened tensor's *global* offsets (block ``j`` covers ``[jB, (j+1)B)``, exactly
+the unsharded layout), and since every row holds a whole number of blocks and dim-0 sharding
+only ever cuts between rows, no block straddles a shard boundary *for any world size* (uneven
+shards and empty shards included). Codes are stored as ``[R, L / per_byte]`` uint8 and absmax
+as ``[R, L / B]`` fp32 DTensors sharded like the parameter. Why this rule: a block's absmax is
+then computed from exactly the same elements as in the unsharded run, with no collective, so
+quantization itself is bit-identical across world sizes (1, 2, 3, ...) given the same inputs.
+The *trajectories* are not bit-identical: the all-reduced sums of squares (AdaGN norm) differ
+from the unsharded ones by reduction-order rounding (~1 ulp), which the quantizer can turn
+into an occasional one-code difference. Parameters outside the rule (1-D tensors such as norm
+weights, odd row lengths, ``Shard(d > 0)``) keep fp32 moments when they are DTensors: the
+eligibility depends on the logical shape and placement type only, never on the world size
+(cf. pytorch/ao#4912, where a tensor was 8-bit replicated but fp32 sharded in two). Known gap:
+a *plain* (DDP / single-process) 1-D tensor of >= 4096 elements is still quantized, so for
+those shapes FSDP2 and DDP runs differ by the quantization error (fp32 is the safe side).
+
+Checkpoints: ``torch.distributed.checkpoint.state_dict.get_state_dict`` keeps only ``state``
+and ``param_groups``; :func:`get_optimizer_extra` / :func:`set_optimizer_extra` carry the
+optimizer's global counters (``total_steps``, SPAM's ``current_step``) next to it.
+
+Example::
+
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    opt = StableSPAM(model.parameters(), lr=1e-3, state_bits=4)  # DTensor-aware, no flag
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd, "extra": get_optimizer_extra(opt)}, checkpoint_id=d)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from stablecore.optim import _lowbit
+
+try:  # DTensor lives in torch.distributed.tensor since torch 2.5
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None  # type: ignore[assignment,misc]
+    Replicate = Shard = None  # type: ignore[assignment,misc]
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+_QUANT_SUFFIXES = ("_codes", "_absmax")
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The shard-local tensor (sharing storage) of a DTensor; a plain tensor unchanged."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_group(params: Sequence[torch.Tensor], who: str = "optimizer"):
+    """The DeviceMesh of a param group (None for plain tensors); ValueError on a mix.
+
+    A group must hold only plain tensors or only DTensors on one mesh, with Shard/Replicate
+    placements: mixed groups would need per-tensor collectives on different process groups.
+    """
+    kinds = [is_dtensor(p) for p in params]
+    if not any(kinds):
+        return None
+    if not all(kinds):
+        plain = next(p for p, k in zip(params, kinds, strict=True) if not k)
+        raise ValueError(
+            f"{who}: a param group mixes DTensor and plain tensors (plain tensor of shape "
+            f"{tuple(plain.shape)} on {plain.device}); put them in separate param groups"
+        )
+    mesh = params[0].device_mesh
+    for p in params:
+        if p.device_mesh != mesh:
+            raise ValueError(
+                f"{who}: DTensor parameters of one group live on different device meshes "
+                f"({mesh} vs {p.device_mesh}, shape {tuple(p.shape)}); use one group per mesh"
+            )
+        for pl in p.placements:
+            if not isinstance(pl, (Shard, Replicate)):
+                raise ValueError(
+                    f"{who}: unsupported placement {pl} for a parameter of shape "
+                    f"{tuple(p.shape)} (only Shard and Replicate)"
+                )
+    return mesh
+
+
+def _sharded_dims(params: Sequence[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """Per mesh dim that shards any tensor: (dim, bool [n] 'replicated on this dim')."""
+    mesh = params[0].device_mesh
+    out = []
+    for d in range(mesh.ndim):
+        repl = [isinstance(p.placements[d], Replicate) for p in params]
+        if not all(repl):
+            out.append((d, torch.tensor(repl, dtype=torch.bool)))
+    return out
+
+
+def reducers(params: Sequence[torch.Tensor]) -> tuple[Reducer | None, Reducer | None]:
+    """``(reduce_max, reduce_sum)`` turning shard-local per-tensor partials ``[n]``/``[n, k]``
+    (row i = tensor i of ``params``) into whole-tensor values; ``(None, None)`` for plain
+    tensors. One all-reduce per call per sharding mesh dim; no host sync.
+    """
+    if check_group(params) is None:
+        return None, None
+    mesh = params[0].device_mesh
+    dims = _sharded_dims(params)
+    if not dims:
+        return None, None
+
+    def reduce_max(x: torch.Tensor) -> torch.Tensor:
+        # gloo/NCCL MAX may drop NaN: make non-finite partials +inf so every rank skips the tensor
+        x = torch.where(torch.isnan(x), torch.full_like(x, float("inf")), x).contiguous()
+        for d, _ in dims:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
+        return x
+
+    def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().contiguous()
+        for d, repl in dims:
+            if mesh.get_local_rank(d) != 0 and bool(repl.any()):
+                mask = repl.to(x.device).view(-1, *([1] * (x.ndim - 1)))
+                x = torch.where(mask, torch.zeros_like(x), x).contiguous()
+            dist.all_reduce(x, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+        return x
+
+    return reduce_max, reduce_sum
+
+
+def compose(first: Reducer | None, then: Reducer | None) -> Reducer | None:
+    if first is None:
+        return then
+    if then is None:
+        return first
+    return lambda x: then(first(x))
+
+
+# ---- states -------------------------------------------------------------------------------
+
+
+def sharded_quantized(p: torch.Tensor, bits: int) -> bool:
+    """Whether DTensor ``p`` gets quantized moments at ``bits`` (see the module docstring)."""
+    if not _lowbit.is_quantized(p.numel(), bits) or p.ndim < 2:
+        return False
+    if not all(isinstance(pl, Replicate) or pl == Shard(0) for pl in p.placements):
+        return False
+    return (p.numel() // p.shape[0]) % _lowbit.BLOCK_SIZES[bits] == 0
+
+
+def _like(p, local_t: torch.Tensor, shape: tuple[int, ...]):
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        local_t,
+        p.device_mesh,
+        p.placements,
+        run_check=False,
+        shape=torch.Size(shape),
+        stride=stride,
+    )
+
+
+def init_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> None:
+    """Zero moment ``name`` for ``p``: :func:`_lowbit.init_moment` for a plain tensor, DTensor
+    states sharded like ``p`` (quantized per the block rule) for a DTensor."""
+    if not is_dtensor(p):
+        _lowbit.init_moment(state, name, p, bits)
+        return
+    lp = p.to_local()
+    if sharded_quantized(p, bits):
+        tmp: dict = {}
+        _lowbit.init_moment(tmp, name, torch.empty(_lowbit.MIN_QUANT_NUMEL), bits)
+        ckey, akey = _lowbit.moment_keys(name)
+        block = _lowbit.BLOCK_SIZES[bits]
+        row = p.numel() // p.shape[0]
+        per_byte = 2 if bits == 4 else 1
+        rows = lp.shape[0]
+        fill = int(tmp[ckey][0])
+        codes = torch.full((rows, row // per_byte), fill, dtype=torch.uint8, device=lp.device)
+        absmax = torch.zeros(rows, row // block, dtype=torch.float32, device=lp.device)
+        state[ckey] = _like(p, codes, (p.shape[0], row // per_byte))
+        state[akey] = _like(p, absmax, (p.shape[0], row // block))
+    else:
+        dtype = torch.bfloat16 if bits == 16 else torch.float32
+        state[name] = _like(p, torch.zeros(lp.shape, dtype=dtype, device=lp.device), p.shape)
+
+
+def local_state(state: dict) -> dict:
+    """A view of one parameter's state with local tensors (quantized entries flattened, as the
+    unsharded layout): writes into it land in the DTensor states."""
+    out = {}
+    for k, v in state.items():
+        if is_dtensor(v):
+            v = v.to_local()
+            if k.endswith(_QUANT_SUFFIXES):
+                v = v.view(-1)
+        out[k] = v
+    return out
+
+
+def local_views(ps, gs, states):
+    """Local params, grads and state views of a bucket (identity for plain tensors)."""
+    if not any(is_dtensor(p) for p in ps):
+        return ps, gs, states
+    return [local(p) for p in ps], [local(g) for g in gs], [local_state(s) for s in states]
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+
+
+def get_optimizer_extra(opt) -> dict:
+    """Global counters of a stablecore optimizer that DCP's ``get_state_dict`` drops."""
+    base = getattr(opt, "base_optimizer", opt)
+    return dict(base.state_dict().get("stablecore", {})) if hasattr(base, "total_steps") else {}
+
+
+def set_optimizer_extra(opt, extra: dict) -> None:
+    """Restore what :func:`get_optimizer_extra` returned (after ``set_state_dict``)."""
+    base = getattr(opt, "base_optimizer", opt)
+    if "total_steps" in extra:
+        base.total_steps = int(extra["total_steps"])
+    if "current_step" in extra:
+        base.current_step = int(extra["current_step"])
+    base._nonfinite = {}
+    if extra.get("nonfinite_steps"):
+        base._nonfinite[torch.device("cpu")] = torch.tensor(int(extra["nonfinite_steps"]))
+
+
+# ---- OrthoGrad ----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def orthogonalize_dtensor_(params: Sequence[torch.Tensor], renorm: bool = True) -> None:
+    """⊥Grad for DTensor parameters (same math as ``stablecore::orthogonalize_``'s reference):
+    per tensor ``g <- g - (w.g / w.w) w`` (renormalized to ``|g|``) with ``w.g``, ``w.w``,
+    ``g.g`` all-reduced in one ``[n, 3]`` collective and ``|g_perp|^2`` in one ``[n]``."""
+    from stablecore.ops.orthogonalize import PARALLEL_RTOL
+
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:  # one (mesh, weight dtype, grad dtype) group per pass, as the fused op
+        if p.grad is not None:
+            mesh = p.device_mesh if is_dtensor(p) else None
+            groups.setdefault((mesh, p.dtype, p.grad.dtype), []).append(p)
+    for (mesh, _, _), group in groups.items():
+        if mesh is None:  # plain tensors: the fused op itself
+            from stablecore.ops import orthogonalize as _ops
+
+            _ops.orthogonalize_([p.detach() for p in group], [p.grad for p in group], renorm)
+        else:
+            _orthogonalize_group(group, renorm, PARALLEL_RTOL)
+
+
+def _orthogonalize_group(ps: list[torch.Tensor], renorm: bool, rtol: float) -> None:
+    _, reduce_sum = reducers(ps)
+    ws = [local(p.detach()).reshape(-1) for p in ps]
+    gs = [local(p.grad) for p in ps]
+    acc = torch.promote_types(torch.promote_types(ws[0].dtype, gs[0].dtype), torch.float32)
+    wf = [w.to(acc) for w in ws]
+    gf = [g.reshape(-1).to(acc) for g in gs]
+    stats = torch.stack(
+        [torch.stack([torch.dot(w, g), torch.dot(w, w), torch.dot(g, g)]) for w, g in zip(wf, gf)]
+    )
+    if reduce_sum is not None:
+        stats = reduce_sum(stats)
+    dots, ww, gg = stats.unbind(1)
+    has_w = ww > 0
+    coef = torch.where(has_w, dots / torch.where(has_w, ww, 1), 0)
+    g_perp = [g - w * coef[i] for i, (w, g) in enumerate(zip(wf, gf))]
+    pp = torch.stack([torch.dot(g, g) for g in g_perp])
+    if reduce_sum is not None:
+        pp = reduce_sum(pp)
+    perp_norm, g_norm = pp.sqrt(), gg.sqrt()
+    nonzero = perp_norm > 0
+    scale = torch.where(nonzero, g_norm / torch.where(nonzero, perp_norm, 1), 1)
+    if not renorm:
+        scale = torch.ones_like(scale)
+    scale = torch.where((perp_norm <= rtol * g_norm) & (g_norm > 0), 0, scale)
+    scale = torch.where(has_w, scale, 1)
+    for i, (g, gp) in enumerate(zip(gs, g_perp, strict=True)):
+        g.copy_((gp * scale[i]).view(g.shape))
