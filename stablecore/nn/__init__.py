@@ -1,7 +1,9 @@
-"""Modules: losses, layers and multimodal models built on :mod:`stablecore.ops`."""
+"""Modules: losses, LoRA and CondConv layers, quantized linears and multimodal models."""
 
 from __future__ import annotations
 
+from stablecore.nn.condconv import CLMECondConv2d, MECondConv2d
+from stablecore.nn.lora import LoRAConv2d, LoRALinear
 from stablecore.nn.losses import StableMaxCrossEntropyLoss
 from stablecore.nn.multimodal import (
     CascadedModalityTransformer,
@@ -13,8 +15,12 @@ from stablecore.nn.multimodal import (
 from stablecore.nn.quant_linear import QuantLinear, quantize_linear_layers
 
 __all__ = [
+    "CLMECondConv2d",
     "CascadedModalityTransformer",
     "ImageEncoder",
+    "LoRAConv2d",
+    "LoRALinear",
+    "MECondConv2d",
     "MultimodalOutput",
     "QuantLinear",
     "StableMaxCrossEntropyLoss",
