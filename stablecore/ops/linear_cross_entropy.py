@@ -23,11 +23,15 @@ row cross-entropy; the Triton backend swaps in the fused kernels.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
 from stablecore.ops import _dispatch
-from stablecore.ops import stablemax_cross_entropy as _ce
+
+# The module, not the function of the same name that stablecore.ops exports.
+_ce = importlib.import_module("stablecore.ops.stablemax_cross_entropy")
 
 __all__ = ["linear_cross_entropy", "stablemax_linear_cross_entropy"]
 

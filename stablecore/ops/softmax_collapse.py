@@ -28,11 +28,15 @@ Diagnostics only: plain PyTorch (no kernel), no gradient, one host sync to retur
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import Tensor
 
 from stablecore.ops import _dispatch
-from stablecore.ops import stablemax_cross_entropy as _ce
+
+# The module, not the function of the same name that stablecore.ops exports.
+_ce = importlib.import_module("stablecore.ops.stablemax_cross_entropy")
 
 __all__ = ["softmax_collapse_stats"]
 

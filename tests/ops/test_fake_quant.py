@@ -4,6 +4,7 @@ the Triton kernel against the reference bit for bit."""
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import numpy as np
@@ -12,11 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stablecore.ops import fake_quant as fq_module
 from stablecore.ops.fake_quant import FORMATS, fake_quant
 from stablecore.testing import assert_close, seed_all
 from stablecore.testing.strategies import INTERPRET_DTYPES, tensors
 
+fq_module = importlib.import_module("stablecore.ops.fake_quant")
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 f32 = np.float32
 
