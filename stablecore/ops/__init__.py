@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from stablecore.ops._dispatch import reference_mode
 from stablecore.ops.fake_quant import fake_quant
+from stablecore.ops.gri_attention import gri_attention
 from stablecore.ops.linear_cross_entropy import linear_cross_entropy, stablemax_linear_cross_entropy
 from stablecore.ops.multi_cross_attention import multi_cross_attention
 from stablecore.ops.orthogonalize import orthogonalize_, orthogonalize_stats
@@ -17,6 +18,7 @@ from stablecore.ops.stablemax_cross_entropy import stablemax_cross_entropy
 
 __all__ = [
     "fake_quant",
+    "gri_attention",
     "linear_cross_entropy",
     "log_stablemax",
     "multi_cross_attention",
