@@ -393,11 +393,13 @@ def _run(opt, params, grads):
         opt.step()
 
 
-@pytest.mark.parametrize("bits", [32, 16, 8, 4])
-@pytest.mark.parametrize("compat", ["clean", "reference"])
+# compat="reference" keeps its states in the gradient's dtype (as the official code), so it has
+# no low-bit variant to round-trip.
+@pytest.mark.parametrize(
+    "bits, compat",
+    [(32, "clean"), (16, "clean"), (8, "clean"), (4, "clean"), (32, "reference")],
+)
 def test_state_dict_round_trip_and_resume(bits, compat):
-    if compat == "reference" and bits != 32:
-        pytest.skip("reference mode has grad-dtype states only")
     seed_all(7)
     shapes = [(64, 80), (7,)]  # one quantized tensor, one small fp32-state tensor
     w = [torch.randn(s) for s in shapes]
