@@ -16,7 +16,7 @@ from torch import Tensor
 
 from stablecore.ops.gri_attention import gri_attention
 
-from .processors import _finish, _kv, _merge, _plain, _prepare, _query
+from .processors import _default_attention, _finish, _kv, _merge, _prepare, _query
 
 __all__ = ["GRIAttnProcessor", "GridState"]
 
@@ -98,8 +98,9 @@ class GRIAttnProcessor:
         tokens, residual, shape4 = _prepare(attn, hidden_states, temb)
         n = tokens.shape[1]
         if encoder_hidden_states is not None or attention_mask is not None or n < self.min_tokens:
-            context = tokens if encoder_hidden_states is None else encoder_hidden_states
-            return _finish(attn, _plain(attn, tokens, context, attention_mask), residual, shape4)
+            return _default_attention(
+                attn, tokens, encoder_hidden_states, attention_mask, residual, shape4
+            )
         grid = tuple(input_hw) if input_hw is not None else self.grid_state.grid_for(n)
         q = _query(attn, tokens)
         k, v = _kv(attn, tokens)

@@ -141,6 +141,17 @@ def _plain(attn, tokens: Tensor, context: Tensor, attention_mask: Tensor | None)
     return _merge(out).to(q.dtype)
 
 
+def _default_attention(attn, tokens, encoder_hidden_states, attention_mask, residual, shape4):
+    """The layer exactly as ``AttnProcessor2_0`` computes it: every processor's fallback when
+    its extra stream is absent (self-attention, no extra input, or a zero weight)."""
+    context = tokens
+    if encoder_hidden_states is not None:
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+    return _finish(attn, _plain(attn, tokens, context, attention_mask), residual, shape4)
+
+
 # ----------------------------------------------------------------------------- NASA
 class NASAAttnProcessor:
     """SNOOPI's Negative-Away Steer Attention: ``Z = softmax(QK+^T/sqrt d)V+ - alpha *
@@ -176,10 +187,9 @@ class NASAAttnProcessor:
         tokens, residual, shape4 = _prepare(attn, hidden_states, temb)
         alpha = self.alpha if nasa_alpha is None else float(nasa_alpha)
         if encoder_hidden_states is None or neg_encoder_hidden_states is None or alpha == 0.0:
-            context = tokens if encoder_hidden_states is None else encoder_hidden_states
-            if encoder_hidden_states is not None and attn.norm_cross:
-                context = attn.norm_encoder_hidden_states(context)
-            return _finish(attn, _plain(attn, tokens, context, attention_mask), residual, shape4)
+            return _default_attention(
+                attn, tokens, encoder_hidden_states, attention_mask, residual, shape4
+            )
         pos = encoder_hidden_states
         _check_context("neg_encoder_hidden_states", neg_encoder_hidden_states, pos, pos.shape[-1])
         neg = _match_batch("neg_encoder_hidden_states", neg_encoder_hidden_states, tokens.shape[0])
@@ -237,8 +247,9 @@ class UserEmbeddingAttnProcessor(nn.Module):
         tokens, residual, shape4 = _prepare(attn, hidden_states, temb)
         scale = self.scale if user_scale is None else float(user_scale)
         if encoder_hidden_states is None or user_embeds is None or scale == 0.0:
-            context = tokens if encoder_hidden_states is None else encoder_hidden_states
-            return _finish(attn, _plain(attn, tokens, context, attention_mask), residual, shape4)
+            return _default_attention(
+                attn, tokens, encoder_hidden_states, attention_mask, residual, shape4
+            )
         text = encoder_hidden_states
         if attn.norm_cross:
             text = attn.norm_encoder_hidden_states(text)
@@ -324,8 +335,9 @@ class SpeedUpAttnProcessor(nn.Module):
     ) -> Tensor:
         tokens, residual, shape4 = _prepare(attn, hidden_states, temb)
         if encoder_hidden_states is None or neg_encoder_hidden_states is None:
-            context = tokens if encoder_hidden_states is None else encoder_hidden_states
-            return _finish(attn, _plain(attn, tokens, context, attention_mask), residual, shape4)
+            return _default_attention(
+                attn, tokens, encoder_hidden_states, attention_mask, residual, shape4
+            )
         pos = encoder_hidden_states
         _check_context("neg_encoder_hidden_states", neg_encoder_hidden_states, pos, pos.shape[-1])
         neg = _match_batch("neg_encoder_hidden_states", neg_encoder_hidden_states, tokens.shape[0])
