@@ -23,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,17 @@ def _validate(X, dtype, device) -> torch.Tensor:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """torch's CPU thread count set to ``n`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def colide_fit(
     X,
     lambda1: float | list[float] | torch.Tensor = 0.05,
@@ -135,140 +147,90 @@ def colide_fit(
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     d_in = torch.as_tensor(X).shape[-1] if torch.as_tensor(X).ndim else 0
-    threads = torch.get_num_threads()
-    want = num_threads if num_threads is not None else (1 if d_in <= 256 else threads)
-    torch.set_num_threads(want)
-    try:
-        return _fit(
-            X,
-            lambda1,
-            variant,
-            T,
-            s,
-            mu_init,
-            mu_factor,
-            warm_iter,
-            max_iter,
-            lr,
-            checkpoint,
-            tol,
-            beta_1,
-            beta_2,
-            domain_tol,
-            sigma_min,
-            inverse,
-            ns_steps,
-            dtype,
-            device,
-            progress,
-            sync_free,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    want = (
+        num_threads if num_threads is not None else (1 if d_in <= 256 else torch.get_num_threads())
+    )
+    with _torch_threads(want):
+        if T < 1 or checkpoint < 1 or warm_iter < 1 or max_iter < 1:
+            raise ValueError("T, checkpoint, warm_iter and max_iter must be >= 1")
+        device = torch.device(device) if device is not None else torch.as_tensor(X).device
+        X = _validate(X, dtype, device)
+        lam = torch.as_tensor(lambda1, dtype=dtype, device=device).reshape(-1)
+        if X.ndim == 2:
+            X = X.unsqueeze(0)
+        if lam.numel() not in (1, X.shape[0]) and X.shape[0] != 1:
+            raise ValueError(f"lambda1 has {lam.numel()} values for {X.shape[0]} datasets")
+        B = max(X.shape[0], lam.numel())
+        lam = lam.expand(B).clone()
+        n, d = X.shape[-2:]
+        Xc = X - X.mean(-2, keepdim=True)
+        cov = (Xc.transpose(-1, -2) @ Xc / n).expand(B, d, d).contiguous()
+        if inverse == "auto":
+            inverse = "newton_schulz" if device.type == "cuda" else "exact"
+        if inverse not in ("exact", "newton_schulz"):
+            raise ValueError(f"inverse must be 'auto', 'exact' or 'newton_schulz', got {inverse!r}")
+        s_list = [float(s)] * T if isinstance(s, (int, float)) else list(s)
+        s_list = (s_list + [s_list[-1]] * T)[:T]
 
-
-def _fit(
-    X,
-    lambda1,
-    variant,
-    T,
-    s,
-    mu_init,
-    mu_factor,
-    warm_iter,
-    max_iter,
-    lr,
-    checkpoint,
-    tol,
-    beta_1,
-    beta_2,
-    domain_tol,
-    sigma_min,
-    inverse,
-    ns_steps,
-    dtype,
-    device,
-    progress,
-    sync_free,
-) -> ColideResult:
-    if T < 1 or checkpoint < 1 or warm_iter < 1 or max_iter < 1:
-        raise ValueError("T, checkpoint, warm_iter and max_iter must be >= 1")
-    device = torch.device(device) if device is not None else torch.as_tensor(X).device
-    X = _validate(X, dtype, device)
-    lam = torch.as_tensor(lambda1, dtype=dtype, device=device).reshape(-1)
-    if X.ndim == 2:
-        X = X.unsqueeze(0)
-    if lam.numel() not in (1, X.shape[0]) and X.shape[0] != 1:
-        raise ValueError(f"lambda1 has {lam.numel()} values for {X.shape[0]} datasets")
-    B = max(X.shape[0], lam.numel())
-    lam = lam.expand(B).clone()
-    n, d = X.shape[-2:]
-    Xc = X - X.mean(-2, keepdim=True)
-    cov = (Xc.transpose(-1, -2) @ Xc / n).expand(B, d, d).contiguous()
-    if inverse == "auto":
-        inverse = "newton_schulz" if device.type == "cuda" else "exact"
-    if inverse not in ("exact", "newton_schulz"):
-        raise ValueError(f"inverse must be 'auto', 'exact' or 'newton_schulz', got {inverse!r}")
-    s_list = [float(s)] * T if isinstance(s, (int, float)) else list(s)
-    s_list = (s_list + [s_list[-1]] * T)[:T]
-
-    eye = torch.eye(d, dtype=dtype, device=device)
-    col_norm = Xc.square().mean(-2).sqrt().expand(B, d)  # ||X_j|| / sqrt(n), reference init
-    if variant == "ev":
-        sigma = col_norm.min(-1).values.clone()
-    elif variant == "nv":
-        sigma = col_norm.clone()
-    else:
-        sigma = torch.ones(B, dtype=dtype, device=device)
-    W = torch.zeros(B, d, d, dtype=dtype, device=device)
-    s_hist = torch.tensor(s_list, dtype=dtype, device=device).expand(B, T).clone()
-    steps = torch.zeros(B, dtype=torch.long, device=device)
-    obj = torch.zeros(B, dtype=dtype, device=device)
-    # On CPU reading a flag costs nothing, so steps with no special event take an in-place fast
-    # path; on CUDA every step is the masked (sync-free) one.
-    cpu_fast = device.type == "cpu" if sync_free is None else not sync_free
-    total = (T - 1) * int(warm_iter) + int(max_iter)
-    bar = tqdm(total=total, disable=not progress, desc=f"CoLiDE-{variant} B={B} d={d}")
-    mu = mu_init
-    for k in range(T):
-        budget = int(max_iter) if k == T - 1 else int(warm_iter)
-        S = _Stage(W, sigma, s_hist[:, k], lr, variant, inverse, sigma_min)
-        loop_steps = shown = 0
-        # A problem may restart its stage (s += 0.1) several times; cap the lock-step loop.
-        while bool(S.active.any()) and loop_steps < 8 * budget:
-            chunk = min(checkpoint, budget)
-            fast_ok = cpu_fast and bool(S.active.all()) and bool((S.it + chunk <= budget + 1).all())
-            for _ in range(chunk):
-                fast_ok = S.step(
-                    cov,
-                    lam,
-                    mu,
-                    eye,
-                    budget,
-                    beta_1,
-                    beta_2,
-                    domain_tol,
-                    sigma_min,
-                    ns_steps,
-                    fast_ok,
+        eye = torch.eye(d, dtype=dtype, device=device)
+        col_norm = Xc.square().mean(-2).sqrt().expand(B, d)  # ||X_j|| / sqrt(n), reference init
+        if variant == "ev":
+            sigma = col_norm.min(-1).values.clone()
+        elif variant == "nv":
+            sigma = col_norm.clone()
+        else:
+            sigma = torch.ones(B, dtype=dtype, device=device)
+        W = torch.zeros(B, d, d, dtype=dtype, device=device)
+        s_hist = torch.tensor(s_list, dtype=dtype, device=device).expand(B, T).clone()
+        steps = torch.zeros(B, dtype=torch.long, device=device)
+        obj = torch.zeros(B, dtype=dtype, device=device)
+        # On CPU reading a flag costs nothing, so steps with no special event take an in-place fast
+        # path; on CUDA every step is the masked (sync-free) one.
+        cpu_fast = device.type == "cpu" if sync_free is None else not sync_free
+        total = (T - 1) * int(warm_iter) + int(max_iter)
+        bar = tqdm(total=total, disable=not progress, desc=f"CoLiDE-{variant} B={B} d={d}")
+        mu = mu_init
+        for k in range(T):
+            budget = int(max_iter) if k == T - 1 else int(warm_iter)
+            S = _Stage(W, sigma, s_hist[:, k], lr, variant, inverse, sigma_min)
+            loop_steps = shown = 0
+            # A problem may restart its stage (s += 0.1) several times; cap the lock-step loop.
+            while bool(S.active.any()) and loop_steps < 8 * budget:
+                chunk = min(checkpoint, budget)
+                fast_ok = (
+                    cpu_fast and bool(S.active.all()) and bool((S.it + chunk <= budget + 1).all())
                 )
-            loop_steps += chunk
-            obj_new = S.objective(cov, lam, mu, eye, sigma_min)
-            conv = S.active & ((S.obj_prev - obj_new).abs() / S.obj_prev.abs() <= tol)
-            obj = torch.where(S.active | conv, obj_new, obj)
-            S.obj_prev = torch.where(S.active, obj_new, S.obj_prev)
-            S.active = S.active & ~conv & (S.it <= budget)
-            shown_now = min(loop_steps, budget)
-            bar.update(shown_now - shown)
-            shown = shown_now
-        bar.update(budget - shown)
-        W, sigma = S.W, S.final_sigma(cov, eye, sigma_min)
-        steps += S.steps
-        s_hist[:, k] = S.st
-        mu *= mu_factor
-    bar.close()
-    h_final, _ = h_ldet(W, 1.0)
-    return ColideResult(W=W, sigma=sigma, h=h_final, objective=obj, steps=steps, s=s_hist)
+                for _ in range(chunk):
+                    fast_ok = S.step(
+                        cov,
+                        lam,
+                        mu,
+                        eye,
+                        budget,
+                        beta_1,
+                        beta_2,
+                        domain_tol,
+                        sigma_min,
+                        ns_steps,
+                        fast_ok,
+                    )
+                loop_steps += chunk
+                obj_new = S.objective(cov, lam, mu, eye, sigma_min)
+                conv = S.active & ((S.obj_prev - obj_new).abs() / S.obj_prev.abs() <= tol)
+                obj = torch.where(S.active | conv, obj_new, obj)
+                S.obj_prev = torch.where(S.active, obj_new, S.obj_prev)
+                S.active = S.active & ~conv & (S.it <= budget)
+                shown_now = min(loop_steps, budget)
+                bar.update(shown_now - shown)
+                shown = shown_now
+            bar.update(budget - shown)
+            W, sigma = S.W, S.final_sigma(cov, eye, sigma_min)
+            steps += S.steps
+            s_hist[:, k] = S.st
+            mu *= mu_factor
+        bar.close()
+        h_final, _ = h_ldet(W, 1.0)
+        return ColideResult(W=W, sigma=sigma, h=h_final, objective=obj, steps=steps, s=s_hist)
 
 
 class CoLiDE:
