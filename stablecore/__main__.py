@@ -17,7 +17,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run every method demo; write plots and summary.md")
     demo.add_argument("--out", default="stablecore-demo", help="output folder")
     demo.add_argument("--only", default=None, help="comma-separated demo names")
-    demo.add_argument("--quick", action="store_true", help="tiny runs (seconds each)")
+    mode = demo.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="tiny runs (seconds each)")
+    mode.add_argument(
+        "--full", action="store_true", help="paper-scale evidence where a demo has it (slow)"
+    )
     demo.add_argument("--device", default=None, help="torch device (default: cuda if present)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--list", action="store_true", help="list the demos and exit")
@@ -45,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(demos.available()))
             return 0
         only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-        outcomes, _ = run_demos(args.out, only, args.quick, args.device, args.seed)
+        outcomes, _ = run_demos(args.out, only, args.quick, args.device, args.seed, full=args.full)
         return 0 if all(result is not None for _, result, _, _ in outcomes) else 1
     if args.command == "bench":
         from stablecore.bench_report import write_report

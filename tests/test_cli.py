@@ -35,6 +35,18 @@ def test_demo_rejects_unknown_name(tmp_path):
         main(["demo", "--only", "nope", "--out", str(tmp_path)])
 
 
+def test_demo_quick_and_full_are_exclusive(tmp_path, capsys):
+    import pytest
+
+    from stablecore.demos.runner import run_demos
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--quick", "--full", "--out", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="quick or full"):
+        run_demos(tmp_path, ["stablemax"], quick=True, full=True)
+
+
 def test_bench_report_ratios(tmp_path):
     def bench(impl, median, floor=None):
         return {

@@ -2,7 +2,9 @@
 
 A demo module defines ``TITLE`` (one line) and ``run(ctx: DemoContext) -> DemoResult``. It writes
 its plots into ``ctx.out_dir`` and returns the rows of its results table. ``ctx.quick`` asks for a
-smaller run (used by the tests); a full run of a demo should stay within a few CPU minutes.
+smaller run (used by the tests); a default run of a demo should stay within a few CPU minutes.
+``ctx.full`` (``stablecore demo --full``) asks for the paper-scale evidence where a demo has one
+(more seeds, larger problems, the full schedule); it may take much longer.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class DemoContext:
     device: torch.device
     quick: bool = False
     seed: int = 0
+    full: bool = False
 
 
 @dataclass

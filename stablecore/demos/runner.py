@@ -24,8 +24,14 @@ def run_demos(
     device: str | torch.device | None = None,
     seed: int = 0,
     echo=print,
+    full: bool = False,
 ) -> tuple[list[tuple[str, DemoResult | None, float, str]], Path]:
-    """Run the selected demos; returns ``([(name, result or None, seconds, error)], summary)``."""
+    """Run the selected demos; returns ``([(name, result or None, seconds, error)], summary)``.
+
+    ``full`` asks each demo for its paper-scale evidence (slow); it cannot be combined with ``quick``.
+    """
+    if quick and full:
+        raise ValueError("choose quick or full, not both")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else best_device()
@@ -40,7 +46,7 @@ def run_demos(
         try:
             torch.manual_seed(seed)
             module = demos.load(name)
-            ctx = DemoContext(out_dir=out_dir, device=device, quick=quick, seed=seed)
+            ctx = DemoContext(out_dir, device, quick=quick, seed=seed, full=full)
             result, error = module.run(ctx), ""
         except Exception as exc:  # one failing demo must not hide the others' results
             result, error = None, f"{type(exc).__name__}: {exc}"
@@ -53,12 +59,13 @@ def run_demos(
         else:
             echo(f"FAILED ({seconds:.1f} s): {error}")
     summary = out_dir / "summary.md"
-    summary.write_text(_summary_markdown(outcomes, device, quick))
+    mode = "quick" if quick else "full-scale" if full else "default"
+    summary.write_text(_summary_markdown(outcomes, device, mode))
     echo(f"\nwrote {summary}")
     return outcomes, summary
 
 
-def _summary_markdown(outcomes, device: torch.device, quick: bool) -> str:
+def _summary_markdown(outcomes, device: torch.device, mode: str) -> str:
     overview = [
         {
             "demo": name,
@@ -70,7 +77,7 @@ def _summary_markdown(outcomes, device: torch.device, quick: bool) -> str:
     parts = [
         "# stablecore demo",
         "",
-        f"Device: `{device}`; torch {torch.__version__}; {'quick' if quick else 'full'} run.",
+        f"Device: `{device}`; torch {torch.__version__}; {mode} run.",
         "",
         format_table(overview),
     ]
