@@ -1,9 +1,10 @@
 """Benchmarks: two-stream cross-attention (NASA), GRI-style attention, UNet with each processor.
 
 Full size (CUDA, SD1.5 shapes, fp16): cross-attention q [2, 8, 4096, 40] over 2 x 77 tokens
-(ours vs two SDPA calls plus an axpy, and vs ONE SDPA, the 1.1x target); GRI at L = 4096
-(64 x 64 latent, window 8, pool 4) vs the eager window+global reference and full SDPA
-self-attention; a UNet forward with each processor vs the default processor (eager, and under
+(ours vs two SDPA calls plus an axpy, and vs ONE SDPA, the 1.1x target); the same with
+SpeedUpNet's normalisation of the second stream (vs two SDPA calls plus the eager norm ops);
+GRI at L = 4096 (64 x 64 latent, window 8, pool 4) vs the eager window+global reference and full
+SDPA self-attention; a UNet forward with each processor vs the default processor (eager, and under
 ``torch.compile(mode="reduce-overhead")`` on CUDA since eager UNets are launch-bound).
 ``STABLECORE_BENCH_SMOKE=1`` shrinks everything to a CPU smoke run (CI).
 
@@ -80,6 +81,52 @@ def test_two_stream_cross_attention(benchmark, impl):
         "one_sdpa": lambda: F.scaled_dot_product_attention(q, pos_k, pos_v),  # the 1.1x target
     }
     _measure(benchmark, steps[impl], impl)
+
+
+# ----------------------------------------------------------------------------- SpeedUpNet
+@pytest.mark.parametrize("impl", ["stablecore", "two_sdpa_norm", "one_sdpa"])
+@pytest.mark.parametrize("mode", ["batch", "sample"])
+@torch.inference_mode()
+def test_normalised_two_stream_cross_attention(benchmark, impl, mode):
+    """SpeedUpNet's branch: Z+ - (gamma * ||Z+|| / ||Z-|| * Z- + beta), one op call (single pass
+    over q, then a norm epilogue) vs the eager peer (two SDPA calls, two norms, the rescale and
+    the per-channel scale/shift as separate kernels, as the released processor runs it)."""
+    torch.manual_seed(0)
+    b, h, side, d = CROSS
+    q = _randn(b, h, side * side, d)
+    pos_k, pos_v, neg_k, neg_v = (_randn(b, h, 77, d) for _ in range(4))
+    gamma, beta = _randn(h * d), _randn(h * d)
+    gamma_hd, beta_hd = gamma.view(1, h, 1, d), beta.view(1, h, 1, d)
+    dims = None if mode == "batch" else (1, 2, 3)
+
+    def eager(q=q, pos_k=pos_k, pos_v=pos_v, neg_k=neg_k, neg_v=neg_v):
+        z_pos = F.scaled_dot_product_attention(q, pos_k, pos_v)
+        z_neg = F.scaled_dot_product_attention(q, neg_k, neg_v)
+        n_pos = torch.linalg.vector_norm(z_pos.float(), dim=dims, keepdim=True)
+        n_neg = torch.linalg.vector_norm(z_neg.float(), dim=dims, keepdim=True)
+        z_neg = (z_neg * (n_pos / n_neg)).to(q.dtype)
+        return z_pos - (gamma_hd.to(q.dtype) * z_neg + beta_hd.to(q.dtype))
+
+    steps = {
+        "stablecore": lambda: multi_cross_attention(
+            q,
+            [pos_k, neg_k],
+            [pos_v, neg_v],
+            [1.0, -1.0],
+            norm_streams=[1],
+            norm_scales=[gamma],
+            norm_shifts=[beta],
+            norm_mode=mode,
+        ),  # fmt: skip
+        "two_sdpa_norm": eager,
+        "one_sdpa": lambda: F.scaled_dot_product_attention(q, pos_k, pos_v),
+    }
+    if impl == "stablecore":  # same result as the peer computed in float64
+        from stablecore.testing import assert_close
+
+        exact = eager(*(t.double() for t in (q, pos_k, pos_v, neg_k, neg_v)))
+        assert_close(steps["stablecore"](), exact, dtype=DTYPE)
+    _measure(benchmark, steps[impl], f"{impl} ({mode} norm)")
 
 
 # ----------------------------------------------------------------------------- GRI

@@ -11,12 +11,20 @@ the stream's normalised output O_i (for Delta_i = rowsum(dO_i * O_i)), then for 
 dK and dV are accumulated with atomics because query blocks of the same (batch, head) share keys
 (cross-attention has few keys: 77 text tokens).
 
+SpeedUpNet normalisation (HAS_NORM): streams marked in the constexpr SLOTS keep their raw output
+Z_i in an fp32 buffer instead of adding w_i Z_i, the program adds w_i beta_i where the stream has
+keys, and stores the block's sums of squares of Z_0 and each Z_i (the norms are global, so the
+rescaling happens in :mod:`.multi_cross_attention_norm`'s epilogue). In backward each stream's
+upstream gradient becomes m[s, b] * a[s, h, :] * dO + c[s, b] * O_s, with coefficients from
+``stablecore.ops._mca_norm`` (O_s is recomputed in pass 1 anyway).
+
 Masks: ``key_keep`` [B, S_total] int8, 1 = attend. Head dims that are not powers of two (40, 80,
 160) are padded to the next power of two in registers and masked on load and store.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -31,6 +39,9 @@ def _mca_fwd_kernel(
     weights_ptr,
     out_ptr,
     lse_ptr,
+    z_ptr,
+    part_ptr,
+    shift_ptr,
     n_heads,
     q_len,
     head_dim,
@@ -47,6 +58,8 @@ def _mca_fwd_kernel(
     stride_keep_b,
     kv_len_total,
     NUM_STREAMS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -94,9 +107,29 @@ def _mca_fwd_kernel(
             m_i = m_new
         has_keys = l_i > 0.0
         inv_l = tl.where(has_keys, 1.0 / tl.where(has_keys, l_i, 1.0), 0.0)
-        out += weight * acc * inv_l[:, None]
+        z = acc * inv_l[:, None]
         lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("inf"))
         tl.store(lse_ptr + (bh * q_len + rows) * NUM_STREAMS + s, lse, mask=row_ok)
+        if HAS_NORM:
+            # SLOTS holds (normalisation slot + 1) of stream s in bits 4s..4s+3 (0: plain).
+            SLOT = ((SLOTS >> (4 * s)) & 15) - 1
+            # Padding rows (past q_len) hold a uniform average of v: keep them out of the norms.
+            z_sq = tl.sum(tl.sum(tl.where(row_ok[:, None], z * z, 0.0), axis=1), axis=0)
+            n_blocks = tl.num_programs(0)
+            n_bh = tl.num_programs(1)
+            if s == 0:
+                tl.store(part_ptr + bh * n_blocks + pid_m, z_sq)
+            if SLOT >= 0:
+                tl.store(part_ptr + ((SLOT + 1) * n_bh + bh) * n_blocks + pid_m, z_sq)
+                z_off = ((SLOT * n_bh + bh) * q_len + rows[:, None]) * head_dim + dims[None, :]
+                tl.store(z_ptr + z_off, z, mask=row_ok[:, None] & dim_ok[None, :])
+                # w * beta per channel, only where the stream has keys (masked: exact zero).
+                shift = tl.load(shift_ptr + (SLOT * n_heads + h) * head_dim + dims, mask=dim_ok)
+                out += tl.where(has_keys[:, None], shift[None, :], 0.0)
+            else:
+                out += weight * z
+        else:
+            out += weight * z
     tl.store(
         out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + dims[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -117,6 +150,9 @@ def _mca_bwd_kernel(
     dq_ptr,
     dk_ptr,
     dv_ptr,
+    coef_a_ptr,
+    coef_mc_ptr,
+    rowdot_ptr,
     n_heads,
     q_len,
     head_dim,
@@ -129,6 +165,8 @@ def _mca_bwd_kernel(
     stride_kl,
     stride_keep_b,
     NUM_STREAMS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -155,7 +193,6 @@ def _mca_bwd_kernel(
         lse = tl.load(
             lse_ptr + (bh * q_len + rows) * NUM_STREAMS + s, mask=row_ok, other=float("inf")
         )
-        do_s = do * weight
         # Pass 1: the stream's normalised output, for Delta = rowsum(dO_s * O_s).
         o_s = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for n0 in range(start, end, BLOCK_N):
@@ -169,7 +206,20 @@ def _mca_bwd_kernel(
             scores = tl.dot(q, tl.trans(k)) * scale
             p = tl.where((col_ok & keep)[None, :], tl.exp(scores - lse[:, None]), 0.0)
             o_s += tl.dot(p, v)
+        if HAS_NORM:
+            # Upstream gradient of stream s: m[s, b] * a[s, h, :] * dO + c[s, b] * O_s (the
+            # SpeedUpNet norm's chain rule, coefficients from stablecore.ops._mca_norm).
+            a_s = tl.load(coef_a_ptr + (s * n_heads + h) * head_dim + dims, mask=dim_ok, other=0.0)
+            n_batch = tl.num_programs(1) // n_heads
+            m_s = tl.load(coef_mc_ptr + (s * n_batch + b) * 2)
+            c_s = tl.load(coef_mc_ptr + (s * n_batch + b) * 2 + 1)
+            do_s = do * (a_s * m_s)[None, :] + c_s * o_s
+        else:
+            do_s = do * weight
         delta = tl.sum(do_s * o_s, axis=1)
+        if WEIGHT_GRAD:
+            rowdot = tl.sum(do * o_s, axis=1)
+            tl.store(rowdot_ptr + (bh * q_len + rows) * NUM_STREAMS + s, rowdot, mask=row_ok)
         # Pass 2: gradients. dS = P * (dO_s V^T - Delta).
         for n0 in range(start, end, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
@@ -197,12 +247,26 @@ def _blocks(head_dim: int) -> tuple[int, int, int]:
     return block_m, 32, block_d
 
 
-def mca_fwd(q, k, v, keep, offsets, weights, out, lse, scale: float) -> None:
+def mca_fwd(q, k, v, keep, offsets, weights, out, lse, scale: float, norm=None):
     """q/out: [B, H, L, D]; k/v: [B, H, S_total, D] (same strides); keep: [B, S_total] int8;
-    offsets: int32 [S + 1]; weights: float32 [S]; lse: float32 [B, H, L, S] (written)."""
+    offsets: int32 [S + 1]; weights: float32 [S]; lse: float32 [B, H, L, S] (written).
+
+    ``norm = (z, shift, slots)``: z fp32 [N, B, H, L, D] (written: raw normalised streams),
+    shift fp32 [N, H, D] (``w_i * beta_i``), slots: per stream its slot or -1. Then ``out`` must
+    be a contiguous fp32 accumulator (plain streams + shifts) and the per (slot, batch, head,
+    query block) partial sums of squares are returned as fp32 [N+1, B, H * blocks]."""
     batch, heads, q_len, head_dim = q.shape
     block_m, block_n, block_d = _blocks(head_dim)
     grid = (triton.cdiv(q_len, block_m), batch * heads)
+    part = None
+    z = shift = lse
+    slots = 0
+    if norm is not None:
+        z, shift, slot_list = norm
+        slots = sum((slot + 1) << (4 * s) for s, slot in enumerate(slot_list))
+        part = torch.empty(
+            (z.shape[0] + 1, batch, heads * grid[0]), dtype=torch.float32, device=q.device
+        )
     _mca_fwd_kernel[grid](
         q,
         k,
@@ -212,6 +276,9 @@ def mca_fwd(q, k, v, keep, offsets, weights, out, lse, scale: float) -> None:
         weights,
         out,
         lse,
+        z,
+        lse if part is None else part,
+        shift,
         heads,
         q_len,
         head_dim,
@@ -228,18 +295,26 @@ def mca_fwd(q, k, v, keep, offsets, weights, out, lse, scale: float) -> None:
         keep.stride(0),
         k.shape[2],
         NUM_STREAMS=weights.numel(),
+        HAS_NORM=norm is not None,
+        SLOTS=slots,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
     )
+    return part
 
 
-def mca_bwd(q, k, v, keep, offsets, weights, lse, dout, dq, dk, dv, scale: float) -> None:
+def mca_bwd(
+    q, k, v, keep, offsets, weights, lse, dout, dq, dk, dv, scale: float, coef=None, rowdot=None
+):
     """Gradients of :func:`mca_fwd`; dk/dv must be zero-filled float32 (atomically accumulated);
-    q, dout, dq share strides, as do k, v, dk, dv."""
+    q, dout, dq share strides, as do k, v, dk, dv. ``coef = (a, mc)``: fp32 [S, H, D] and
+    [S, B, 2] (m, c), the normalisation's upstream-gradient coefficients. ``rowdot``: fp32
+    [B, H, L, S], written with rowsum(dO * O_s) (the weight gradient's per-row terms)."""
     batch, heads, q_len, head_dim = q.shape
     block_m, block_n, block_d = _blocks(head_dim)
     grid = (triton.cdiv(q_len, block_m), batch * heads)
+    coef_a, coef_mc = coef if coef is not None else (weights, weights)
     _mca_bwd_kernel[grid](
         q,
         k,
@@ -252,6 +327,9 @@ def mca_bwd(q, k, v, keep, offsets, weights, lse, dout, dq, dk, dv, scale: float
         dq,
         dk,
         dv,
+        coef_a,
+        coef_mc,
+        lse if rowdot is None else rowdot,
         heads,
         q_len,
         head_dim,
@@ -264,6 +342,8 @@ def mca_bwd(q, k, v, keep, offsets, weights, lse, dout, dq, dk, dv, scale: float
         k.stride(2),
         keep.stride(0),
         NUM_STREAMS=weights.numel(),
+        HAS_NORM=coef is not None,
+        WEIGHT_GRAD=rowdot is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -275,8 +275,12 @@ class SpeedUpAttnProcessor(nn.Module):
         out = to_out(Z+ - Z- (+ Z_p))
 
     ``norm="batch"`` is the released code's behaviour (the norm couples the samples of a batch);
-    ``norm="sample"`` takes one Frobenius norm per sample instead. The new projections start as
-    copies of the layer's ``to_k``/``to_v`` when given (``init_from=attn``), else default init.
+    ``norm="sample"`` takes one Frobenius norm per sample instead. ``eps`` clamps ``||Z-||``.
+    All streams, the rescaling and the scale/shift run in ONE
+    :func:`~stablecore.ops.multi_cross_attention.multi_cross_attention` call (``norm_streams``);
+    where ``neg_attention_mask`` masks every negative token of a sample, the branch contributes
+    zero there (no shift). The new projections start as copies of the layer's ``to_k``/``to_v``
+    when given (``init_from=attn``), else default init.
 
     Per call: ``neg_encoder_hidden_states`` [B or 1, S-, C_ctx] (none: plain attention),
     ``neg_attention_mask`` bool [B, S-].
@@ -311,18 +315,6 @@ class SpeedUpAttnProcessor(nn.Module):
     def forward(self, *args, **kwargs):
         return self.__call__(*args, **kwargs)
 
-    def _fro(self, z: Tensor) -> Tensor:
-        if self.norm == "batch":
-            return torch.linalg.vector_norm(z.float())
-        return torch.linalg.vector_norm(z.float(), dim=(1, 2), keepdim=True)
-
-    def _branch(self, attn, q, context, mask, name: str, z_pos: Tensor) -> Tensor:
-        k, v = _kv(attn, context, getattr(self, f"to_k_{name}"), getattr(self, f"to_v_{name}"))
-        z = _merge(multi_cross_attention(q, [k], [v], [1.0], [mask]))
-        ratio = self._fro(z_pos) / self._fro(z).clamp_min(self.eps)
-        z = (z.float() * ratio).to(z.dtype)
-        return getattr(self, f"alpha_{name}") * z + getattr(self, f"beta_{name}")
-
     def __call__(
         self,
         attn,
@@ -345,9 +337,26 @@ class SpeedUpAttnProcessor(nn.Module):
             pos, neg = attn.norm_encoder_hidden_states(pos), attn.norm_encoder_hidden_states(neg)
         q = _query(attn, tokens)
         k, v = _kv(attn, pos)
+        k_neg, v_neg = _kv(attn, neg.to(pos.dtype), self.to_k_neg, self.to_v_neg)
         pos_mask = _key_mask(attention_mask, q.shape[0], k.shape[2])
-        z_pos = _merge(multi_cross_attention(q, [k], [v], [1.0], [pos_mask]))
-        out = z_pos - self._branch(attn, q, neg.to(pos.dtype), neg_attention_mask, "neg", z_pos)
+        keys, values, masks = [k, k_neg], [v, v_neg], [pos_mask, neg_attention_mask]
+        weights, normed = [1.0, -1.0], ["neg"]
         if self.add_pos:
-            out = out + self._branch(attn, q, pos, pos_mask, "pos", z_pos)
-        return _finish(attn, out, residual, shape4)
+            k_p, v_p = _kv(attn, pos, self.to_k_pos, self.to_v_pos)
+            keys, values, masks = keys + [k_p], values + [v_p], masks + [pos_mask]
+            weights, normed = weights + [1.0], normed + ["pos"]
+        # One fused op: Z+ - (alpha_neg Z~- + beta_neg) (+ alpha_pos Z~p + beta_pos), with the
+        # Frobenius rescaling to ||Z+|| done inside (stablecore.ops._mca_norm).
+        out = multi_cross_attention(
+            q,
+            keys,
+            values,
+            weights,
+            masks,
+            norm_streams=list(range(1, len(keys))),
+            norm_scales=[getattr(self, f"alpha_{n}") for n in normed],
+            norm_shifts=[getattr(self, f"beta_{n}") for n in normed],
+            norm_mode=self.norm,
+            norm_eps=self.eps,
+        )
+        return _finish(attn, _merge(out), residual, shape4)
