@@ -4,7 +4,9 @@ GPU size (ANCHORS.md): x [8192, 4096], W [4096, 4096], r = 16, bf16. Peers in th
 the base matmul alone (the limit), eager ``F.linear(x, W) + s * B(A x)``, peft ``lora.Linear``.
 For forward+backward with a frozen base the limit is about two base matmuls (ANCHORS: 0.76 ms),
 recorded as ``floor_s`` = 2 x the base forward measured in this run.
-No Triton GEMM with a LoRA epilogue exists yet; ``stablecore`` is the autograd-fused form.
+``stablecore`` is the op ``stablecore::lora_linear``: on CUDA one Triton GEMM reads x once for
+W and A and adds s·(xAᵀ)Bᵀ in its epilogue (kernels/lora.py); on CPU the reference.
+No GPU number for the Triton kernel has been measured yet (it was written without a GPU).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
 * :mod:`stablecore.methods.grokking`: modular-arithmetic grokking setup (StableMax, ⊥Grad).
 * :mod:`stablecore.methods.colide`, :mod:`stablecore.methods.dag_utils`,
   :mod:`stablecore.methods.minimax`: CoLiDE DAG learning, DAG simulation/metrics, causal minimax.
-* :mod:`stablecore.methods.feature_inheritance`: A-SDM feature inheritance and multi-UNet
-  switching for diffusers UNets.
+* :mod:`stablecore.methods.feature_inheritance`: kept for old imports; A-SDM feature
+  inheritance now lives in :mod:`stablecore.integrations.diffusers`.
 * :mod:`stablecore.methods.counterfactual`: T-Rex robust counterfactual explanations.
 * :mod:`stablecore.methods.graph_similarity`, :mod:`stablecore.methods.graph_attacks`: the
   tensor kernels and attacks behind STABLE (:mod:`stablecore.integrations.torch_geometric`).

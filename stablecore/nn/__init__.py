@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from stablecore.nn.condconv import CLMECondConv2d, MECondConv2d
-from stablecore.nn.lora import LoRAConv2d, LoRALinear
+from stablecore.nn.lora import LoRAConv2d, LoRALinear, MultiLoRALinear
 from stablecore.nn.losses import StableMaxCrossEntropyLoss
 from stablecore.nn.multimodal import (
     CascadedModalityTransformer,
@@ -20,6 +20,7 @@ __all__ = [
     "ImageEncoder",
     "LoRAConv2d",
     "LoRALinear",
+    "MultiLoRALinear",
     "MECondConv2d",
     "MultimodalOutput",
     "QuantLinear",

@@ -1,23 +1,10 @@
 """LoRA layers with a fused forward/backward: ``y = W x + b + s * B (A d(x))``.
 
-``d`` is dropout on the LoRA path only (as peft: the base layer sees the clean ``x``).
-
-Design (what is fused and why):
-
-* **Linear** (:func:`lora_linear`, a ``torch.autograd.Function``). Forward: ``out = x W^T + b``,
-  ``u = d(x) A^T`` (``[M, r]``, computed once), then ``out += s * u B^T`` as the epilogue of a
-  single ``addmm_`` (no separate scaling pass and no separate add pass over ``[M, N]`` as in
-  peft). Backward reuses the saved ``u`` for ``grad_B = s g^T u``; ``gB = g B`` (``[M, r]``) is
-  computed once and reused for ``grad_A = s gB^T d(x)`` and ``grad_x = g W + s gB A`` (again
-  one ``addmm_``). With a frozen base, ``grad_W`` is never formed. peft runs 4 GEMMs plus 2
-  elementwise passes over the output in the forward and extra passes in the backward.
-* **Conv2d** (:func:`lora_conv2d`): when there is no dropout, ``x`` is read **once**: one
-  convolution with the stacked kernel ``[W; A]`` gives the base output and ``u = A * x`` together
-  (the ``r`` extra output channels are cheap), followed by the 1x1 ``B`` conv. The backward
-  computes ``grad_x`` in one transposed convolution with the stacked kernel and ``grad_A`` over
-  the ``r`` LoRA channels only (``grad_W`` only if the base is trainable).
-
-Not done here: a Triton GEMM with the LoRA epilogue (notes §13), many adapters per batch.
+:class:`LoRALinear` and :class:`LoRAConv2d` hold the base ``weight``/``bias`` (shared with the
+wrapped layer by ``from_linear``/``from_conv``) and the adapter ``lora_A``/``lora_B``; their
+forward is :func:`~stablecore.nn.lora_functional.lora_linear` (the op
+``stablecore::lora_linear``: one pass over ``x`` on CUDA) or
+:func:`~stablecore.nn.lora_functional.lora_conv2d` (a stacked ``[W; A]`` convolution).
 
 Example::
 
@@ -32,243 +19,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LoRAConv2d", "LoRALinear", "lora_conv2d", "lora_linear"]
+from stablecore.nn.lora_functional import (
+    _check_dropout,
+    _check_rank,
+    _pair,
+    lora_conv2d,
+    lora_linear,
+    lora_linear_multi,
+)
 
-
-# ----------------------------------------------------------------------------- validation
-def _check_rank(rank: int, in_dim: int, out_dim: int) -> None:
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be a positive int, got {rank!r}")
-    if rank > min(in_dim, out_dim):
-        raise ValueError(
-            f"LoRA rank {rank} is larger than the layer dims (in={in_dim}, out={out_dim}); "
-            f"a rank above min(in, out) = {min(in_dim, out_dim)} adds nothing"
-        )
-
-
-def _check_dropout(p: float) -> None:
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {p}")
-
-
-def _check_linear_args(x: Tensor, weight: Tensor, bias, lora_a: Tensor, lora_b: Tensor) -> None:
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_a), ("lora_B", lora_b)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
-    n, k = weight.shape
-    r = lora_a.shape[0]
-    if x.shape[-1] != k:
-        raise ValueError(f"x has shape {tuple(x.shape)} but weight expects {k} input features")
-    if lora_a.shape != (r, k) or lora_b.shape != (n, r):
-        raise ValueError(
-            f"lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} do not match "
-            f"weight {tuple(weight.shape)}: expected lora_A [r, {k}] and lora_B [{n}, r]"
-        )
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
-    dtypes = {t.dtype for t in (x, weight, lora_a, lora_b)}
-    if len(dtypes) > 1:
-        raise TypeError(
-            f"x, weight, lora_A, lora_B must share one dtype, got {sorted(map(str, dtypes))}"
-        )
-    devices = {t.device for t in (x, weight, lora_a, lora_b)}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-
-
-def _dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, Tensor | None]:
-    """(d(x), scaled mask or None). ``torch.native_dropout`` gives the mask back directly."""
-    if p == 0.0 or not training:
-        return x, None
-    xd, mask = torch.native_dropout(x, p, True)
-    return xd, mask.to(x.dtype) / (1.0 - p)
-
-
-# ----------------------------------------------------------------------------- linear
-class _LoRALinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, p, training):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xd, mask = _dropout(x2, p, training)
-        out = F.linear(x2, weight, bias)
-        u = xd @ lora_a.t()  # [M, r]: the only product of x with A, reused in backward
-        out.addmm_(u, lora_b.t(), alpha=scaling)
-        need_w = ctx.needs_input_grad[1]
-        ctx.save_for_backward(
-            x2 if need_w else None,
-            xd if ctx.needs_input_grad[3] else None,
-            mask,
-            weight,
-            lora_a,
-            lora_b,
-            u,
-        )
-        ctx.scaling, ctx.shape = scaling, shape
-        return out.reshape(*shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, xd, mask, weight, lora_a, lora_b, u = ctx.saved_tensors
-        s = ctx.scaling
-        g = grad.reshape(-1, weight.shape[0])
-        gb = g @ lora_b  # [M, r], reused for grad_x and grad_A
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
-            if mask is None:
-                grad_x.addmm_(gb, lora_a, alpha=s)
-            else:
-                grad_x += (gb @ lora_a).mul_(mask).mul_(s)
-            grad_x = grad_x.reshape(ctx.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = g.t() @ x2
-        if ctx.needs_input_grad[2]:
-            grad_bias = g.sum(0)
-        if ctx.needs_input_grad[3]:
-            grad_a = (gb.t() @ xd).mul_(s)
-        if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ u).mul_(s)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None
-
-
-def lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    dropout: float = 0.0,
-    training: bool = False,
-) -> Tensor:
-    """``x W^T + b + scaling * d(x) A^T B^T`` with a fused forward and backward.
-
-    Args:
-        x: ``[..., K]``; weight: ``[N, K]``; bias: ``[N]`` or None; lora_A: ``[r, K]``;
-            lora_B: ``[N, r]``, all one floating dtype and device.
-        scaling: ``alpha / r`` (peft's ``scaling``); dropout: probability on the LoRA input,
-            applied only when ``training``.
-
-    Returns:
-        ``[..., N]`` in ``x``'s dtype. Gradients flow to every tensor that requires them.
-    """
-    _check_linear_args(x, weight, bias, lora_A, lora_B)
-    _check_dropout(dropout)
-    return _LoRALinearFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), dropout, training)
-
-
-# ----------------------------------------------------------------------------- conv2d
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
-class _LoRAConv2dFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, stride, padding, dilation):
-        n = weight.shape[0]
-        # One pass over x: the base kernel and A stacked along the output channels.
-        stacked = torch.cat([weight, lora_a], 0)
-        y = F.conv2d(x, stacked, None, stride, padding, dilation)
-        u = y[:, n:]
-        out = y[:, :n] + F.conv2d(u, lora_b[:, :, None, None]).mul_(scaling)
-        if bias is not None:
-            out += bias[:, None, None]
-        ctx.save_for_backward(x, weight, lora_a, lora_b, u)
-        ctx.conf = (scaling, stride, padding, dilation)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, lora_a, lora_b, u = ctx.saved_tensors
-        s, stride, padding, dilation = ctx.conf
-        n = weight.shape[0]
-        # grad of u: s * B^T g, a 1x1 conv with the transposed B.
-        gu = F.conv2d(grad, lora_b.t()[:, :, None, None]).mul_(s)
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        need = ctx.needs_input_grad
-        conv_bwd = torch.ops.aten.convolution_backward
-        if need[0]:
-            stacked = torch.cat([weight, lora_a], 0)
-            grad_x = conv_bwd(
-                torch.cat([grad, gu], 1), x, stacked, None, stride, padding, dilation,
-                False, [0, 0], 1, [True, False, False],
-            )[0]  # fmt: skip
-        if need[1] or need[3]:
-            if need[1] and need[3]:
-                go, w = torch.cat([grad, gu], 1), torch.cat([weight, lora_a], 0)
-            elif need[1]:
-                go, w = grad, weight
-            else:
-                go, w = gu, lora_a
-            gw = conv_bwd(
-                go, x, w, None, stride, padding, dilation, False, [0, 0], 1, [False, True, False]
-            )[1]
-            if need[1]:
-                grad_w = gw[:n]
-            if need[3]:
-                grad_a = gw[-lora_a.shape[0] :]
-        if need[2]:
-            grad_bias = grad.sum((0, 2, 3))
-        if need[4]:
-            grad_b = torch.einsum("bnhw,brhw->nr", grad, u).mul_(s)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None
-
-
-def lora_conv2d(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    scaling: float,
-    stride=1,
-    padding=0,
-    dilation=1,
-    dropout: float = 0.0,
-    training: bool = False,
-) -> Tensor:
-    """``conv(x, W) + b + scaling * conv1x1(conv(d(x), A), B)`` (peft's conv LoRA).
-
-    Args:
-        x: ``[B, C, H, W]``; weight: ``[N, C, kh, kw]``; bias: ``[N]`` or None;
-            lora_A: ``[r, C, kh, kw]`` (same geometry as the base); lora_B: ``[N, r]`` or
-            ``[N, r, 1, 1]``. ``groups`` must be 1.
-
-    Returns:
-        ``[B, N, H', W']``. Without dropout ``x`` is read once (stacked kernel); with dropout
-        the LoRA branch runs on ``d(x)`` as a second convolution (plain autograd).
-    """
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be [B, C, H, W], got {getattr(x, 'shape', type(x))}")
-    if weight.dim() != 4 or lora_A.dim() != 4:
-        raise ValueError(
-            f"weight and lora_A must be 4-d, got {tuple(weight.shape)}, {tuple(lora_A.shape)}"
-        )
-    lora_b = lora_B.reshape(lora_B.shape[0], -1)
-    n, c, kh, kw = weight.shape
-    r = lora_A.shape[0]
-    if x.shape[1] != c:
-        raise ValueError(f"x has {x.shape[1]} channels but weight expects {c} (groups must be 1)")
-    if lora_A.shape != (r, c, kh, kw) or lora_b.shape != (n, r):
-        raise ValueError(
-            f"lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} do not match weight "
-            f"{tuple(weight.shape)}: expected [r, {c}, {kh}, {kw}] and [{n}, r(, 1, 1)]"
-        )
-    if len({x.dtype, weight.dtype, lora_A.dtype, lora_B.dtype}) > 1:
-        raise TypeError("x, weight, lora_A, lora_B must share one dtype")
-    _check_dropout(dropout)
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if dropout > 0.0 and training:
-        base = F.conv2d(x, weight, bias, stride, padding, dilation)
-        u = F.conv2d(F.dropout(x, dropout, True), lora_A, None, stride, padding, dilation)
-        return base + F.conv2d(u, lora_b[:, :, None, None]) * scaling
-    return _LoRAConv2dFn.apply(
-        x, weight, bias, lora_A, lora_b, float(scaling), stride, padding, dilation
-    )
+__all__ = ["LoRAConv2d", "LoRALinear", "MultiLoRALinear", "lora_conv2d", "lora_linear"]
 
 
 # ----------------------------------------------------------------------------- modules
@@ -358,6 +120,87 @@ class LoRALinear(_LoRAMixin):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, scaling={self.scaling:g}, dropout={self.dropout}"
+        )
+
+
+class MultiLoRALinear(nn.Module):
+    """One ``nn.Linear`` base with ``E`` LoRA adapters; each sample picks its own adapter.
+
+    ``forward(x, adapter_ids)``: ``x [B, ..., K]``, ``adapter_ids [B]`` in ``[-1, E)`` (``-1``:
+    base only) -> ``[B, ..., N]``. Parameters: ``weight [N, K]``, ``bias [N]``,
+    ``lora_A [E, r, K]``, ``lora_B [E, N, r]``, buffer ``scaling [E]``. Build it from trained
+    :class:`LoRALinear` layers of one base with :meth:`from_lora_layers` (the adapters are
+    copied, the base is shared). See :func:`~stablecore.nn.lora_functional.lora_linear_multi`.
+
+    Example::
+
+        >>> multi = MultiLoRALinear.from_lora_layers([style_a, style_b])
+        >>> y = multi(x, torch.tensor([0, 1, -1, 0]))   # 4 samples, 3 different adapters
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        num_adapters: int,
+        alpha: float | None = None,
+        dropout: float = 0.0,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        _check_rank(rank, in_features, out_features)
+        _check_dropout(dropout)
+        if not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.weight, self.bias = base.weight, base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        kw = {"device": device, "dtype": dtype}
+        self.lora_A = nn.Parameter(torch.empty(num_adapters, rank, in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(num_adapters, out_features, rank, **kw))
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        s = float(rank if alpha is None else alpha) / rank
+        self.register_buffer("scaling", torch.full((num_adapters,), s, **kw))
+        self.dropout = dropout
+
+    @classmethod
+    def from_lora_layers(cls, layers: list[LoRALinear]) -> MultiLoRALinear:
+        """Stack adapters trained on one base (same ``weight`` object, or equal values)."""
+        if not layers:
+            raise ValueError("from_lora_layers needs at least one LoRALinear")
+        first = layers[0]
+        for layer in layers[1:]:
+            same = layer.weight is first.weight or torch.equal(layer.weight, first.weight)
+            if not same or layer.rank != first.rank:
+                raise ValueError("every layer must share the base weight and the rank")
+        w = first.weight
+        multi = cls(first.in_features, first.out_features, first.rank, len(layers),
+                    bias=first.bias is not None, device=w.device, dtype=w.dtype)  # fmt: skip
+        multi.weight, multi.bias = first.weight, first.bias
+        with torch.no_grad():
+            multi.lora_A.copy_(torch.stack([layer.lora_A for layer in layers]))
+            multi.lora_B.copy_(torch.stack([layer.lora_B for layer in layers]))
+            multi.scaling.copy_(torch.tensor([layer.scaling for layer in layers]))
+        multi.dropout = first.dropout
+        return multi
+
+    def forward(self, x: Tensor, adapter_ids: Tensor) -> Tensor:
+        return lora_linear_multi(
+            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, adapter_ids,
+            self.dropout, self.training,
+        )  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, num_adapters={self.lora_A.shape[0]}, dropout={self.dropout}"
         )
 
 

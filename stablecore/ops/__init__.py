@@ -10,6 +10,7 @@ from stablecore.ops._dispatch import reference_mode
 from stablecore.ops.fake_quant import fake_quant
 from stablecore.ops.gri_attention import gri_attention
 from stablecore.ops.linear_cross_entropy import linear_cross_entropy, stablemax_linear_cross_entropy
+from stablecore.ops.lora_linear import lora_linear
 from stablecore.ops.multi_cross_attention import multi_cross_attention
 from stablecore.ops.orthogonalize import orthogonalize_, orthogonalize_stats
 from stablecore.ops.softmax_collapse import softmax_collapse_stats
@@ -21,6 +22,7 @@ __all__ = [
     "gri_attention",
     "linear_cross_entropy",
     "log_stablemax",
+    "lora_linear",
     "multi_cross_attention",
     "orthogonalize_",
     "orthogonalize_stats",

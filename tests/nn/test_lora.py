@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stablecore.nn.lora import LoRAConv2d, LoRALinear, lora_conv2d, lora_linear
+from stablecore.nn.lora import LoRAConv2d, LoRALinear, MultiLoRALinear, lora_conv2d, lora_linear
+from stablecore.nn.lora_functional import lora_linear_multi
 from stablecore.testing import assert_close, seed_all
 from stablecore.testing.strategies import float_dtypes, shapes
 
@@ -154,3 +155,82 @@ def test_bad_input_raises_clear_errors():
         layer(torch.randn(3, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="groups=1"):
         LoRAConv2d.from_conv(torch.nn.Conv2d(4, 4, 3, groups=2), rank=1)
+
+
+# ----------------------------------------------------------------------------- many adapters
+@given(
+    batch=st.integers(1, 5),
+    tokens=st.sampled_from([(), (3,), (2, 2)]),
+    n_adapters=st.integers(1, 3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**20),
+)
+def test_many_adapters_match_one_layer_per_sample_with_gradients(
+    batch, tokens, n_adapters, bias, seed
+):
+    dtype, k, n, r = torch.float64, 6, 5, 2
+    x, w, b, a, bb = _leaves(
+        (batch, *tokens, k), (n, k), (n,), (n_adapters, r, k), (n_adapters, n, r),
+        dtype=dtype, seed=seed,
+    )  # fmt: skip
+    b = b if bias else None
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, n_adapters, (batch,), generator=gen)
+    scaling = torch.rand(n_adapters, generator=gen, dtype=dtype) + 0.5
+    out = lora_linear_multi(x, w, b, a, bb, scaling, ids)
+    refs = []
+    for i, e in enumerate(ids.tolist()):
+        if e < 0:
+            refs.append(F.linear(x[i].double(), w.double(), None if b is None else b.double()))
+        else:
+            refs.append(_ref_linear(x[i], w, b, a[e], bb[e], float(scaling[e])))
+    ref = torch.stack(refs)
+    assert_close(out, ref)
+    ins = [t for t in (x, w, b, a, bb) if t is not None]
+    g = torch.randn(out.shape, generator=gen, dtype=dtype)
+    grads = [torch.autograd.grad(o, ins, g, materialize_grads=True) for o in (out, ref)]
+    for got, want in zip(*grads):  # unused adapters get zero gradients
+        assert_close(got, want)
+
+
+def test_multi_lora_module_stacks_trained_adapters():
+    seed_all(2)
+    base = torch.nn.Linear(8, 6)
+    layers = [LoRALinear.from_linear(base, rank=2, alpha=a) for a in (2.0, 6.0)]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B)
+    multi = MultiLoRALinear.from_lora_layers(layers)
+    assert multi.weight is base.weight and not multi.weight.requires_grad
+    x = torch.randn(4, 3, 8)
+    out = multi(x, torch.tensor([0, 1, -1, 1]))
+    assert_close(out[0], layers[0](x[0]))
+    assert_close(out[1], layers[1](x[1]))
+    assert_close(out[2], base(x[2]))
+    assert_close(out[3], layers[1](x[3]))
+    out.square().sum().backward()
+    assert multi.lora_A.grad is not None and multi.weight.grad is None
+    other = MultiLoRALinear(8, 6, rank=2, num_adapters=2)
+    other.load_state_dict(multi.state_dict())
+    assert_close(other(x, torch.tensor([1, 0, 0, -1])), multi(x, torch.tensor([1, 0, 0, -1])))
+    multi.train()
+    multi.dropout = 0.5
+    torch.manual_seed(0)
+    assert not torch.allclose(multi(x, torch.tensor([0, 1, 0, 1])), out.detach())
+
+
+def test_many_adapters_bad_input():
+    seed_all(3)
+    multi = MultiLoRALinear(8, 6, rank=2, num_adapters=3)
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 3\)"):
+        multi(x, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"adapter_ids has shape \(3,\)"):
+        multi(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(TypeError, match="integer"):
+        multi(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"expected \[B, ..., 8\]"):
+        multi(torch.randn(2, 7), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="num_adapters"):
+        MultiLoRALinear(8, 6, rank=2, num_adapters=0)
+    with pytest.raises(ValueError, match="share the base"):
+        MultiLoRALinear.from_lora_layers([LoRALinear(8, 6, 2), LoRALinear(8, 6, 2)])

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stablecore.methods.feature_inheritance import (
+from stablecore.testing import assert_close, seed_all
+
+diffusers = pytest.importorskip("diffusers")
+from stablecore.integrations.diffusers.feature_inheritance import (  # noqa: E402
     FeatureInheritance,
     UNetSwitch,
     inheritance_schedule,
 )
-from stablecore.testing import assert_close, seed_all
-
-diffusers = pytest.importorskip("diffusers")
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,14 @@ def test_schedules_and_errors(unet_and_ref):
         FeatureInheritance(unet, depth=5)
     with pytest.raises(ValueError, match="schedule"):
         FeatureInheritance(unet, schedule=(False, True))
+    with pytest.raises(ValueError, match="schedule has 5 steps but a run has 4"):
+        FeatureInheritance(unet, schedule=inheritance_schedule(5, 2), num_steps=4)
+    with pytest.raises(ValueError, match="num_steps"):
+        FeatureInheritance(unet, num_steps=0)
+    with pytest.raises(ValueError, match="not in this UNet"):
+        FeatureInheritance(unet, modules=["down_blocks.7"])
+    hooks = getattr(getattr(unet, "_diffusers_hook", None), "hooks", {})
+    assert not hooks  # a failed constructor leaves no hook behind
 
 
 def test_unet_switch_serves_chosen_steps_with_the_cheap_unet(unet_and_ref):
@@ -112,3 +120,56 @@ def test_unet_switch_serves_chosen_steps_with_the_cheap_unet(unet_and_ref):
     assert torch.equal(_run(unet)[0], ref[0])
     with pytest.raises(ValueError, match="does not fit 4 steps"):
         UNetSwitch(unet, cheap, cheap_steps=[4], num_steps=4)
+
+
+def _sdxl_unet():
+    seed_all(0)
+    return diffusers.UNet2DConditionModel(
+        block_out_channels=(4, 8, 8), layers_per_block=1, sample_size=8, in_channels=4,
+        out_channels=4, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), cross_attention_dim=8,
+        norm_num_groups=2, transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4,
+    ).eval()  # fmt: skip
+
+
+def _run_sdxl(unet, steps=3):
+    gen = torch.Generator().manual_seed(2)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    added = {
+        "text_embeds": torch.randn(2, 8, generator=gen),
+        "time_ids": torch.rand(2, 6, generator=gen) * 64,
+    }
+    outs = []
+    with torch.no_grad():
+        for i in range(steps):
+            eps = unet(
+                x, torch.tensor(800 - 300 * i), encoder_hidden_states=ctx, added_cond_kwargs=added
+            ).sample
+            outs.append(eps)
+            x = x - 0.1 * eps
+    return outs
+
+
+@pytest.mark.parametrize("level", ["block", "unit"])
+def test_sdxl_shaped_unet(level):
+    unet = _sdxl_unet()
+    ref = _run_sdxl(unet)
+    fi = FeatureInheritance(unet, level=level, depth=2, schedule=inheritance_schedule(3, 1))
+    assert all(torch.equal(a, b) for a, b in zip(_run_sdxl(unet), ref))
+    fi.remove()
+    fi = FeatureInheritance(unet, level=level, depth=2, schedule=inheritance_schedule(3, 3))
+    outs = _run_sdxl(unet)
+    assert torch.equal(outs[0], ref[0]) and not torch.equal(outs[1], ref[1])
+    fi.remove()
+    assert all(torch.equal(a, b) for a, b in zip(_run_sdxl(unet), ref))
+
+
+def test_old_import_path_still_works():
+    from stablecore.methods import feature_inheritance as old
+
+    assert old.FeatureInheritance is FeatureInheritance
+    assert old.inheritance_schedule is inheritance_schedule
+    with pytest.raises(AttributeError, match="nope"):
+        old.nope  # noqa: B018
