@@ -16,25 +16,38 @@ compute every per-tensor statistic over the whole logical tensor:
 * :func:`init_moment`: states of a DTensor parameter are DTensors with the parameter's mesh and
   placements, so ``torch.distributed.checkpoint`` saves them and reshards them on load.
 
-Low-bit blocks on shards (the rule). A DTensor parameter of logical shape ``[R, *rest]`` gets
-quantized moments iff ``_lowbit.is_quantized(numel, bits)`` (logical numel, as unsharded), it
-has ``ndim >= 2``, every placement is ``Shard(0)`` or ``Replicate()``, and its row length
-``L = numel / R`` is a multiple of the block (256 at 8 bits, 128 at 4 bits). Then the blocks are
-aligned to the flattened tensor's *global* offsets (block ``j`` covers ``[jB, (j+1)B)``, exactly
-the unsharded layout), and since every row holds a whole number of blocks and dim-0 sharding
-only ever cuts between rows, no block straddles a shard boundary *for any world size* (uneven
-shards and empty shards included). Codes are stored as ``[R, L / per_byte]`` uint8 and absmax
-as ``[R, L / B]`` fp32 DTensors sharded like the parameter. Why this rule: a block's absmax is
-then computed from exactly the same elements as in the unsharded run, with no collective, so
-quantization itself is bit-identical across world sizes (1, 2, 3, ...) given the same inputs.
-The *trajectories* are not bit-identical: the all-reduced sums of squares (AdaGN norm) differ
+Low-bit blocks on shards (the rule). Whether a parameter gets quantized moments is
+``_lowbit.is_quantized(shape, bits)`` of its *logical* shape ``[R, *rest]``, for plain tensors
+and DTensors alike: ``numel >= 4096``, ``ndim >= 2`` and row length ``L = numel / R`` a multiple
+of the block ``B`` (256 at 8 bits, 128 at 4 bits). Blocks are aligned to the flattened tensor's
+*global* offsets (block ``j`` covers ``[jB, (j+1)B)``, the unsharded layout); every row holds a
+whole number of blocks and dim-0 sharding only ever cuts between rows, so no block straddles a
+shard boundary *for any world size* (uneven and empty shards included). Codes are stored as
+``[R, L / per_byte]`` uint8 and absmax as ``[R, L / B]`` fp32 DTensors sharded like the
+parameter. A block's absmax is then computed from exactly the elements of the unsharded run,
+with no collective, so quantization is bit-identical across world sizes given the same inputs,
+and the state layout (which tensors hold codes) is the same for every world size, DDP and a
+single process. 1-D tensors and odd row lengths keep fp32 moments *everywhere* (they could be
+cut inside a block), so there is no shape whose math depends on sharding (pytorch/ao#4912 was
+a 6144-element tensor that was 8-bit replicated but fp32 sharded in two).
+
+The trajectories are not bit-identical: the all-reduced sums of squares (AdaGN norm) differ
 from the unsharded ones by reduction-order rounding (~1 ulp), which the quantizer can turn
-into an occasional one-code difference. Parameters outside the rule (1-D tensors such as norm
-weights, odd row lengths, ``Shard(d > 0)``) keep fp32 moments when they are DTensors: the
-eligibility depends on the logical shape and placement type only, never on the world size
-(cf. pytorch/ao#4912, where a tensor was 8-bit replicated but fp32 sharded in two). Known gap:
-a *plain* (DDP / single-process) 1-D tensor of >= 4096 elements is still quantized, so for
-those shapes FSDP2 and DDP runs differ by the quantization error (fp32 is the safe side).
+into an occasional one-code difference.
+
+``Shard(d > 0)`` placements (``fully_shard(shard_placement_fn=...)``, tensor parallelism) cut
+rows at world-size dependent columns, i.e. inside blocks: a parameter that the shape rule
+quantizes and that is sharded along ``d > 0`` raises ``ValueError`` at its first step (use
+``Shard(0)`` for it, or ``state_bits`` 32/16) rather than silently running different math.
+Shapes that keep fp32 moments may use any Shard/Replicate placement.
+
+Memory cost of the row rule, LLaMA-1B of the Stable-SPAM/GaLore configs (hidden 2048,
+intermediate 5461, 24 layers, vocab 32000, 1.339 B params): embeddings ``[32000, 2048]`` and
+attention/gate/up projections are quantized; norms ``[2048]`` were fp32 anyway (< 4096); the 24
+down projections ``[2048, 5461]`` (row 5461, 268 M params) keep fp32 moments: m+v grow from
+1.42 GB to 3.29 GB at 4 bits, 2.72 GB to 4.32 GB at 8 bits. With intermediate 5504 (= 43 * 128,
+the LLaMA-1B-like list of ANCHORS.md) nothing changes at 4 bits; at 8 bits (5504 % 256 != 0)
+the down projections keep fp32 moments (m+v 1.91 GB -> 2.99 GB for 0.941 B params).
 
 Checkpoints: ``torch.distributed.checkpoint.state_dict.get_state_dict`` keeps only ``state``
 and ``param_groups``; :func:`get_optimizer_extra` / :func:`set_optimizer_extra` carry the
@@ -161,12 +174,23 @@ def compose(first: Reducer | None, then: Reducer | None) -> Reducer | None:
 
 
 def sharded_quantized(p: torch.Tensor, bits: int) -> bool:
-    """Whether DTensor ``p`` gets quantized moments at ``bits`` (see the module docstring)."""
-    if not _lowbit.is_quantized(p.numel(), bits) or p.ndim < 2:
+    """Whether DTensor ``p`` gets quantized moments at ``bits``: ``_lowbit.is_quantized`` of its
+    logical shape, exactly as a plain tensor (see the module docstring).
+
+    Raises ``ValueError`` if the shape rule quantizes ``p`` but a placement shards it along a
+    dim other than 0 (its blocks would straddle shards at some world sizes).
+    """
+    if not _lowbit.is_quantized(tuple(p.shape), bits):
         return False
-    if not all(isinstance(pl, Replicate) or pl == Shard(0) for pl in p.placements):
-        return False
-    return (p.numel() // p.shape[0]) % _lowbit.BLOCK_SIZES[bits] == 0
+    for pl in p.placements:
+        if isinstance(pl, Shard) and pl.dim != 0:
+            raise ValueError(
+                f"{bits}-bit optimizer states for a parameter of shape {tuple(p.shape)} with "
+                f"placements {tuple(p.placements)}: sharding along dim {pl.dim} would cut its "
+                f"quantization blocks (rows of {p.numel() // p.shape[0]} elements) at world-size "
+                "dependent columns; shard it along dim 0 or use state_bits=32/16"
+            )
+    return True
 
 
 def _like(p, local_t: torch.Tensor, shape: tuple[int, ...]):
@@ -189,14 +213,14 @@ def init_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> None:
         return
     lp = p.to_local()
     if sharded_quantized(p, bits):
-        tmp: dict = {}
-        _lowbit.init_moment(tmp, name, torch.empty(_lowbit.MIN_QUANT_NUMEL), bits)
         ckey, akey = _lowbit.moment_keys(name)
         block = _lowbit.BLOCK_SIZES[bits]
         row = p.numel() // p.shape[0]
         per_byte = 2 if bits == 4 else 1
         rows = lp.shape[0]
-        fill = int(tmp[ckey][0])
+        kind = "m" if name == "exp_avg" else "v"
+        # the code of zero, as _lowbit.init_moment fills a plain tensor's codes
+        fill = int(_lowbit.quantize_blockwise(torch.zeros(1), kind, bits)[0][0])
         codes = torch.full((rows, row // per_byte), fill, dtype=torch.uint8, device=lp.device)
         absmax = torch.zeros(rows, row // block, dtype=torch.float32, device=lp.device)
         state[ckey] = _like(p, codes, (p.shape[0], row // per_byte))

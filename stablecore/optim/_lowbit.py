@@ -9,8 +9,16 @@ Schemes (``state_bits``):
   m uses the signed dynamic map ``create_dynamic_map(True, 3, 4)`` (16 codes, +1 but no -1), v the
   linear map *without zero* ``{1/16, ..., 1}``: the zero-point problem of the 4-bit paper (an
   entry of v rounded to 0 makes ``1/sqrt(v)`` explode) is why v must not have a zero code.
-* Tensors with fewer than :data:`MIN_QUANT_NUMEL` (4096) elements keep fp32 states whatever
-  ``state_bits`` says; the rule depends on the *logical* numel only (never on sharding).
+* Which tensors are quantized (:func:`is_quantized`) depends on the *logical shape* only, never
+  on sharding or world size: ``numel >= 4096``, ``ndim >= 2`` and a row length
+  ``L = numel / shape[0]`` that is a multiple of the block (256 at 8 bits, 128 at 4 bits).
+  Everything else (small tensors, 1-D tensors, odd row lengths) keeps fp32 states whatever
+  ``state_bits`` says. Why the row condition: blocks run over the flattened tensor, and dim-0
+  sharding (FSDP2) cuts it between rows; with ``L % block == 0`` no block ever straddles a
+  shard, for any world size, so a sharded run quantizes exactly the blocks the unsharded one
+  does and no collective is needed (see :mod:`stablecore.optim._distributed`). A 1-D tensor
+  is a column of rows of length 1, so it can be cut anywhere: it stays fp32. A quantized
+  tensor never has a partial trailing block.
 
 The quantizer is *exactly* nearest-code: ``x / absmax`` is computed in fp32 (IEEE division) and the
 code is the index of the nearest map entry in exact arithmetic, ties to the lower index. It is
@@ -21,13 +29,16 @@ every entry as if it were 0. A trailing partial block is zero-padded.
 
 Example::
 
-    codes, absmax = quantize_blockwise(torch.randn(5000), qmap("m", 4), 128)
-    x = dequantize_blockwise(codes, absmax, qmap("m", 4), 128, 5000)
+    codes, absmax = quantize_blockwise(torch.randn(5000), "m", 4)  # [2504] uint8, [40] fp32
+    x = dequantize_blockwise(codes, absmax, "m", 4, 5000)  # [5000] fp32
+    assert is_quantized((40, 128), 4) and not is_quantized((5000,), 4)
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -101,9 +112,27 @@ def thresholds(kind: str, bits: int, device: torch.device | str = "cpu") -> torc
     return _thresholds_cpu(kind, bits).to(device)
 
 
-def is_quantized(numel: int, bits: int) -> bool:
-    """Whether a tensor of ``numel`` elements gets quantized states at ``bits``."""
-    return bits in BLOCK_SIZES and numel >= MIN_QUANT_NUMEL
+def is_quantized(shape: torch.Size | Sequence[int] | int, bits: int) -> bool:
+    """Whether a tensor of logical shape ``shape`` gets quantized states at ``bits``.
+
+    True iff ``bits`` is 8 or 4, ``numel >= 4096``, ``ndim >= 2`` and the row length
+    ``numel / shape[0]`` is a multiple of ``BLOCK_SIZES[bits]``: the rule is a function of the
+    logical shape alone, so single-process, DDP and FSDP2 runs at any world size quantize the
+    same tensors with the same blocks (see the module docstring). An ``int`` is read as the
+    1-D shape ``(numel,)`` (the old signature) and is therefore never quantized.
+
+    Example: ``is_quantized((32000, 2048), 4)`` is True; ``is_quantized((2048, 5461), 4)``
+    (row 5461) and ``is_quantized((8192,), 8)`` (1-D) are False.
+    """
+    if isinstance(shape, bool) or not isinstance(shape, (int, torch.Size, tuple, list)):
+        raise TypeError(f"is_quantized: shape must be a torch.Size, tuple or int, got {shape!r}")
+    dims = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
+    if bits not in BLOCK_SIZES or len(dims) < 2:
+        return False
+    numel = math.prod(dims)
+    if numel < MIN_QUANT_NUMEL:
+        return False
+    return (numel // dims[0]) % BLOCK_SIZES[bits] == 0
 
 
 def _normalize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,10 +196,12 @@ def moment_keys(name: str) -> tuple[str, str]:
 
 
 def init_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> None:
-    """Create zero state ``name`` for param ``p`` at ``bits`` (fp32 under 4096 elements)."""
-    if is_quantized(p.numel(), bits):
+    """Create zero state ``name`` for param ``p`` at ``bits``: codes ``[numel / per_byte]``
+    uint8 and absmax ``[numel / block]`` fp32 if :func:`is_quantized` (``p.shape``), else a
+    dense fp32 (bf16 at 16 bits) tensor shaped like ``p``."""
+    if is_quantized(p.shape, bits):
         block = BLOCK_SIZES[bits]
-        nblocks = -(-p.numel() // block)
+        nblocks = p.numel() // block  # exact: the row length is a multiple of the block
         kind = "m" if name == "exp_avg" else "v"
         # zero input quantizes to the code of 0 (m) / the smallest code (v): either way 0 * 0
         codes, absmax = quantize_blockwise(torch.zeros(1, device=p.device), kind, bits)

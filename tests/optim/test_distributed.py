@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from stablecore.optim import _distributed
+from stablecore.optim import _lowbit as L
 from stablecore.optim.spam import SPAM
 from stablecore.optim.stable_spam import StableSPAM
 from stablecore.testing import assert_close, seed_all
@@ -27,13 +28,34 @@ pytestmark = pytest.mark.skipif(
     not dist.is_available() or sys.platform != "linux", reason="needs torch.distributed + fork"
 )
 
+# The low-bit rule depends on the logical shape only (_lowbit.is_quantized), so every tensor
+# must get the same state layout and (up to reduction-order rounding) the same trajectory
+# sharded and unsharded:
 # [7, 768]: quantized at 8 and 4 bits (row 768 = 3 * 256 = 6 * 128), uneven rows at 2 and 3;
-# [2, 3]: rank 2 holds an empty shard at world size 3; [4100]: 1-D, fp32 states when sharded
-SHAPES = {"w": (7, 768), "b": (5, 3), "e": (2, 3), "v": (4100,)}
+# [33, 128]: quantized at 4 bits only (row 128), 17/16 and 11/11/11 rows;
+# [9, 500]: odd row length, [4100]: 1-D >= 4096, both fp32 states at every world size;
+# [2, 3]: rank 2 holds an empty shard at world size 3.
+SHAPES = {"w": (7, 768), "h": (33, 128), "o": (9, 500), "b": (5, 3), "e": (2, 3), "v": (4100,)}
+QUANTIZED = {8: {"w"}, 4: {"w", "h"}}
 STEPS = 50
 SPIKES = {7: 80.0, 23: 300.0}
 NAN_STEP = 31  # a NaN in row 0 of "w": only rank 0's shard sees it
-LOWBIT_BOUND = 1e-6  # max |sharded - unsharded| after 50 steps, low-bit states (lr = 1e-2)
+# Low-bit states, 50 steps at lr = 1e-2 (parameters move by ~0.3): the all-reduced AdaGN norm
+# differs from the unsharded one by ~1 ulp, which the quantizer now and then turns into a
+# one-code difference in one element. So: all but LOWBIT_FLIPS of the elements within
+# LOWBIT_BOUND (~reduction-order rounding), every element within LOWBIT_FLIP_BOUND (measured:
+# <= 1.1e-5 for a flip at 8 bits). Quantizing differently moves nearly every element by more
+# (measured on "w": 8-bit vs fp32 states differ by > 1e-6 in 100% of elements, max 3.6e-3).
+LOWBIT_BOUND = 1e-6
+LOWBIT_FLIPS = 0.005  # fraction of elements allowed beyond LOWBIT_BOUND
+LOWBIT_FLIP_BOUND = 1e-4
+
+
+def _assert_lowbit_close(actual: torch.Tensor, expected: torch.Tensor, what) -> None:
+    err = (actual - expected).abs()
+    worst, beyond = float(err.max()), int((err > LOWBIT_BOUND).sum())
+    assert worst <= LOWBIT_FLIP_BOUND, (what, worst)
+    assert beyond <= LOWBIT_FLIPS * err.numel(), (what, beyond, err.numel())
 
 
 def _free_port() -> int:
@@ -140,17 +162,18 @@ def _check_trajectory(mesh, kind: str) -> None:
     base_s = getattr(opt_s, "base_optimizer", opt_s)
     base_r = getattr(opt_r, "base_optimizer", opt_r)
     assert base_s.nonfinite_steps == base_r.nonfinite_steps == 1, kind
-    lowbit = kind.endswith(("_8", "_4"))
+    bits = int(kind.rsplit("_", 1)[1]) if kind[-1].isdigit() else 32
+    quantized = QUANTIZED.get(bits, set())
     for (name, p), q in zip(sharded.named_parameters(), ref.parameters(), strict=True):
-        if lowbit and name == "v":  # quantized unsharded, fp32 sharded (1-D): by design
-            assert "exp_avg" in opt_s.state[p] and "exp_avg_codes" in opt_r.state[q]
-            continue
-        if lowbit:
-            err = float((_full(p) - q.detach()).abs().max())
-            assert err <= LOWBIT_BOUND, (kind, name, err)
+        # the same state layout as the unsharded optimizer: codes iff the shape rule says so
+        st_s, st_r = opt_s.state[p], opt_r.state[q]
+        assert set(st_s) == set(st_r), (kind, name, sorted(st_s), sorted(st_r))
+        assert ("exp_avg_codes" in st_r) == (name in quantized), (kind, name)
+        if name in quantized:
+            _assert_lowbit_close(_full(p), q.detach(), (kind, name))
         else:
             assert_close(_full(p), q.detach(), dtype=torch.float32)
-    if lowbit:
+    if quantized:
         st = opt_s.state[sharded.w]
         assert _distributed.is_dtensor(st["exp_avg_codes"]), "low-bit states must be DTensors"
         assert st["exp_avg_codes"].placements == sharded.w.placements
@@ -190,8 +213,7 @@ def _checkpoint_run(mesh, ckpt: str, world: int, save: bool) -> None:
         dist.barrier()
     else:
         expected = torch.load(os.path.join(ckpt, "traj.pt"))
-        err = float((traj - expected).abs().max())
-        assert err <= LOWBIT_BOUND, (world, err)
+        _assert_lowbit_close(traj, expected, ("resharded checkpoint", world))
 
 
 def _check_ddp(world: int) -> None:
@@ -250,16 +272,45 @@ def _check_bad_groups(mesh) -> None:
 
     model = _fsdp(mesh)
     plain = torch.nn.Parameter(torch.randn(4, 4))
-    mixed = StableSPAM([*model.parameters(), plain])
     _set_grads(model, _grads(0))
     plain.grad = torch.randn(4, 4)
-    with pytest.raises(ValueError, match="mixes DTensor and plain"):
-        mixed.step()
     other = _fsdp(init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("r", "s")))
     _set_grads(other, _grads(0))
-    two_meshes = SPAM([model.w, other.b])
-    with pytest.raises(ValueError, match="different device meshes"):
-        two_meshes.step()
+    for cls in (StableSPAM, SPAM):
+        with pytest.raises(ValueError, match=r"mixes DTensor and plain.*shape \(4, 4\)"):
+            cls([*model.parameters(), plain]).step()
+        with pytest.raises(ValueError, match=r"different device meshes.*shape \(5, 3\)"):
+            cls([model.w, other.b]).step()
+    before = model.w.detach().full_tensor()
+    assert torch.equal(before, Holder().w.detach())  # nothing was stepped
+    _check_shard_dim_gt_0(mesh)
+
+
+def _check_shard_dim_gt_0(mesh) -> None:
+    """Shard(1): refused for a shape the rule quantizes (its blocks would be cut), fine and equal
+    to the unsharded run for a shape with fp32 states."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    gen = torch.Generator().manual_seed(5)
+    w0, o0 = torch.randn(7, 768, generator=gen), torch.randn(9, 500, generator=gen)
+    w = torch.nn.Parameter(distribute_tensor(w0, mesh, [Shard(1)], src_data_rank=None))
+    g = torch.randn(7, 768, generator=gen)
+    w.grad = distribute_tensor(g, mesh, [Shard(1)], src_data_rank=None)
+    for bits in (8, 4):
+        with pytest.raises(ValueError, match=r"shape \(7, 768\).*along dim 1.*dim 0"):
+            StableSPAM([w], lr=1e-2, state_bits=bits).step()
+    StableSPAM([w], lr=1e-2, state_bits=32).step()  # fp32 states: any placement
+    o = torch.nn.Parameter(distribute_tensor(o0, mesh, [Shard(1)], src_data_rank=None))
+    ref = torch.nn.Parameter(o0.clone())
+    opt, opt_r = StableSPAM([o], lr=1e-2, state_bits=4), StableSPAM([ref], lr=1e-2, state_bits=4)
+    for step in range(4):
+        g = torch.randn(9, 500, generator=gen) * (50.0 if step == 2 else 1.0)
+        o.grad = distribute_tensor(g, mesh, [Shard(1)], src_data_rank=None)
+        ref.grad = g.clone()
+        opt.step()
+        opt_r.step()
+    assert "exp_avg" in opt.state[o] and "exp_avg" in opt_r.state[ref]
+    assert_close(_full(o), ref.detach(), dtype=torch.float32)
 
 
 def _worker(rank: int, world: int, port: int, ckpt: str, phase: str) -> None:
@@ -279,7 +330,14 @@ def _worker(rank: int, world: int, port: int, ckpt: str, phase: str) -> None:
             _check_bad_groups(mesh)
             _checkpoint_run(mesh, ckpt, world, save=True)
         else:
-            for kind in ("stable_spam_32", "stable_spam_8", "spam_32", "orthograd"):
+            for kind in (
+                "stable_spam_32",
+                "stable_spam_8",
+                "stable_spam_4",
+                "spam_4",
+                "spam_32",
+                "orthograd",
+            ):
                 if world > 1 or kind == "stable_spam_8":
                     _check_trajectory(mesh, kind)
             _checkpoint_run(mesh, ckpt, world, save=False)
@@ -334,5 +392,16 @@ def test_block_rule_depends_on_logical_shape_only():
     assert _distributed.sharded_quantized(Fake((40, 128), (Shard(0), Replicate())), 4)
     assert not _distributed.sharded_quantized(Fake((40, 128), (Shard(0),)), 8)  # 128 % 256
     assert not _distributed.sharded_quantized(Fake((4100,), (Shard(0),)), 8)  # 1-D
-    assert not _distributed.sharded_quantized(Fake((7, 768), (Shard(1),)), 8)
+    assert not _distributed.sharded_quantized(Fake((9, 500), (Shard(0),)), 4)  # odd rows
+    assert not _distributed.sharded_quantized(Fake((9, 500), (Shard(1),)), 4)  # fp32: any
     assert not _distributed.sharded_quantized(Fake((3, 256), (Shard(0),)), 8)  # < 4096
+    with pytest.raises(ValueError, match=r"shape \(7, 768\)"):
+        _distributed.sharded_quantized(Fake((7, 768), (Replicate(), Shard(1))), 8)
+    # the DTensor rule is the plain one, shape by shape
+    for shape in [(7, 768), (40, 128), (4100,), (9, 500), (3, 256), (2, 2, 1024), (64, 64)]:
+        for bits in (8, 4):
+            fake = Fake(shape, (Shard(0),))
+            assert _distributed.sharded_quantized(fake, bits) == L.is_quantized(shape, bits)
+            state: dict = {}
+            L.init_moment(state, "exp_avg", torch.zeros(shape), bits)
+            assert ("exp_avg_codes" in state) == L.is_quantized(shape, bits)

@@ -3,6 +3,8 @@ block layout and the small-tensor rule."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -140,16 +142,68 @@ def test_zero_block_and_second_moment_has_no_zero():
 
 
 def test_small_tensors_keep_fp32_states():
-    assert not L.is_quantized(4095, 4) and L.is_quantized(4096, 4)
-    assert not L.is_quantized(10**6, 16) and not L.is_quantized(10**6, 32)
+    assert not L.is_quantized((31, 128), 4) and L.is_quantized((32, 128), 4)  # 3968 / 4096
+    assert not L.is_quantized((1000, 1000), 16) and not L.is_quantized((1000, 1000), 32)
     state: dict = {}
-    L.init_moment(state, "exp_avg", torch.zeros(63, 64), 8)
+    L.init_moment(state, "exp_avg", torch.zeros(15, 256), 8)  # 3840 elements
     assert state["exp_avg"].dtype == torch.float32
     state = {}
-    L.init_moment(state, "exp_avg_sq", torch.zeros(64, 64), 4)
+    L.init_moment(state, "exp_avg_sq", torch.zeros(32, 128), 4)
     assert state["exp_avg_sq_codes"].numel() == 2048 and state["exp_avg_sq_absmax"].numel() == 32
-    v = L.load_moment(state, "exp_avg_sq", torch.zeros(64, 64), 4)
-    assert v.shape == (64, 64) and torch.equal(v, torch.zeros(64, 64))
+    v = L.load_moment(state, "exp_avg_sq", torch.zeros(32, 128), 4)
+    assert v.shape == (32, 128) and torch.equal(v, torch.zeros(32, 128))
+
+
+@pytest.mark.parametrize(
+    "shape,q8,q4",
+    [
+        ((32000, 2048), True, True),  # LLaMA embedding
+        ((2048, 5504), False, True),  # 5504 = 43 * 128, not a multiple of 256
+        ((2048, 5461), False, False),  # odd row length (GaLore's LLaMA-1B down projection)
+        ((8192,), False, False),  # 1-D: dim-0 sharding may cut it anywhere
+        ((4100,), False, False),
+        ((2, 3, 1024), True, True),  # row = 3 * 1024 elements
+        ((4, 3, 500), False, False),  # row 1500
+        ((16, 256), True, True),  # exactly 4096
+        ((64, 64), False, False),  # 4096 elements but rows of 64
+        ((0, 4096), False, False),
+    ],
+)
+def test_quantization_rule_depends_on_shape(shape, q8, q4):
+    """Quantized iff numel >= 4096, ndim >= 2 and the row length is a multiple of the block:
+    then dim-0 sharding never cuts a block, at any world size."""
+    assert L.is_quantized(shape, 8) == q8 and L.is_quantized(torch.Size(shape), 4) == q4
+    if math.prod(shape) > 2**20:  # the LLaMA shapes: the rule only, no 100 MB allocations
+        return
+    for bits, want in ((8, q8), (4, q4)):
+        state: dict = {}
+        L.init_moment(state, "exp_avg", torch.zeros(shape), bits)
+        assert ("exp_avg_codes" in state) == want, (shape, bits)
+        if want:  # whole blocks, never a padded trailing one; every row a whole number of them
+            n, block = math.prod(shape), L.BLOCK_SIZES[bits]
+            assert state["exp_avg_absmax"].numel() * block == n
+            assert (n // shape[0]) % block == 0
+        else:
+            assert state["exp_avg"].shape == shape and state["exp_avg"].dtype == torch.float32
+
+
+def test_row_rule_keeps_blocks_inside_dim0_shards():
+    """Quantizing a [R, L] tensor (L % block == 0) in one piece or as any split into row ranges
+    gives the same codes and absmax: the property the FSDP2 path relies on."""
+    seed_all(3)
+    for bits in (8, 4):
+        x = torch.randn(11, 2 * L.BLOCK_SIZES[bits]) * torch.logspace(-3, 2, 11)[:, None]
+        whole_c, whole_a = L.quantize_blockwise(x, "m", bits)
+        for world in (2, 3, 4, 11):
+            parts = [L.quantize_blockwise(c, "m", bits) for c in x.chunk(world)]
+            assert torch.equal(torch.cat([c for c, _ in parts]), whole_c), (bits, world)
+            assert torch.equal(torch.cat([a for _, a in parts]), whole_a), (bits, world)
+
+
+def test_is_quantized_accepts_the_old_int_signature_and_rejects_junk():
+    assert not L.is_quantized(10**6, 8)  # an int is a 1-D shape
+    with pytest.raises(TypeError, match="shape"):
+        L.is_quantized(torch.zeros(64, 64), 8)
 
 
 def test_bad_kind_or_bits_raise():
