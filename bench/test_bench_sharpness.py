@@ -1,18 +1,28 @@
-"""Hessian trace and top eigenvalue: stablecore vs PyHessian, same model, data and probe count.
+"""Hessian trace and top eigenvalue: stablecore vs PyHessian, same model, data and HVP count.
 
-PyHessian does one double-backward HVP per probe; stablecore vmaps forward-over-reverse HVPs
-over ``probe_batch`` probes. Both trace runs use exactly ``PROBES`` Rademacher probes (PyHessian's
-early stop is disabled with ``tol=-inf``); the eigenvalue runs use ``PROBES`` matvecs each
-(PyHessian: power iteration; stablecore: Lanczos). ``extra_info`` records the estimates, their
-standard errors and the device. Smoke size on CPU with ``STABLECORE_BENCH_SMOKE=1``.
+Trace: both use exactly ``PROBES`` Rademacher probes (PyHessian's early stop is disabled with
+``tol=-inf``). Eigenvalue: both use ``PROBES`` Hessian-vector products (PyHessian: power
+iteration; stablecore: Lanczos, and block Lanczos with 4 vectors per batched HVP). Every timed
+call builds everything from scratch (PyHessian's constructor and our operator included).
 
-    STABLECORE_BENCH_SMOKE=1 pytest bench/test_bench_sharpness.py -q
+``test_interleaved_vs_pyhessian`` is the fair comparison on a shared machine: the two run in
+turns in one process, ``REPEATS`` rounds, and it records medians of CPU (thread) time and wall
+time, the speedups, and every estimate with its standard error (trace) or its gap to a
+converged lambda_max (eigenvalue) in ``extra_info``, and prints the table. On CPU both run on one
+thread. The per-case tests give pytest-benchmark's usual per-implementation statistics.
+
+    OMP_NUM_THREADS=1 STABLECORE_BENCH_SMOKE=1 pytest bench/test_bench_sharpness.py -q -s
+
+CPU (or smoke): an MLP 32-64-64-10 (6,922 parameters), 256 samples, 32 probes. CUDA: 256-1024-
+1024-100 (1.4M parameters), 2,048 samples, 64 probes (``test_interleaved_vs_pyhessian_gpu``).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import statistics
+import time
 
 import numpy as np
 import pytest
@@ -22,130 +32,247 @@ from torch import nn
 from stablecore.methods.sharpness import HessianOperator, hessian_trace, top_eigenvalues
 
 SMOKE = os.environ.get("STABLECORE_BENCH_SMOKE", "0") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA and not SMOKE else "cpu"
 # (inputs, hidden, classes, samples, probes)
-SIZE = (32, 64, 10, 256, 32) if SMOKE else (256, 1024, 100, 2048, 64)
+SMALL = (32, 64, 10, 256, 32)
+FULL = (256, 1024, 100, 2048, 64)
+SIZE = FULL if DEVICE == "cuda" else SMALL
+REPEATS = 3 if SMOKE else 9
+BLOCK = 4
 
 
-def _setup():
+def _problem(size, device):
     torch.manual_seed(0)
-    d, h, c, n, _ = SIZE
+    d, h, c, n, _ = size
     model = nn.Sequential(
         nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h), nn.Tanh(), nn.Linear(h, c)
-    ).to(DEVICE)
-    x = torch.randn(n, d, device=DEVICE)
-    y = torch.randint(0, c, (n,), device=DEVICE)
+    ).to(device)
+    x = torch.randn(n, d, device=device)
+    y = torch.randint(0, c, (n,), device=device)
     return model, nn.CrossEntropyLoss(), x, y
 
 
-def _sync():
-    if DEVICE == "cuda":
+def _sync(device):
+    if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _peak_and_reset() -> str:
-    if DEVICE != "cuda":
-        return "n/a (CPU)"
-    peak = torch.cuda.max_memory_allocated() / 2**20
+def _peak(device) -> int | None:
+    if device != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    return f"{peak:.1f} MiB"
+    return peak
 
 
-def _info(benchmark, peer: str, estimate: float, stderr: float | None, num_params: int) -> None:
+def _runners(pyhessian, model, loss, x, y, probes, device):
+    """name -> zero-argument callable returning the estimate (and its spread)."""
+    data = (x, y)
+
+    def ours_trace():
+        est = hessian_trace(model, loss, data, num_probes=probes, probe_batch=probes)
+        return est.trace, est.stderr
+
+    def ours_eig(block: int):
+        def run():
+            res = top_eigenvalues(
+                model, loss, data, k=1, max_iters=probes, tol=0.0, block_size=block
+            )
+            assert res.num_matvecs == probes
+            return float(res.eigenvalues[0]), float(res.residuals[0])
+
+        return run
+
+    out = {
+        "trace/stablecore": ours_trace,
+        "lambda_max/stablecore": ours_eig(1),
+        f"lambda_max/stablecore_block{BLOCK}": ours_eig(BLOCK),
+    }
+    if pyhessian is None:
+        return out
+
+    def their_trace():
+        torch.manual_seed(1)
+        h = pyhessian.hessian(model, loss, data=data, cuda=device == "cuda")
+        s = np.asarray(h.trace(maxIter=probes, tol=float("-inf")))
+        model.zero_grad(set_to_none=True)  # PyHessian leaves a create_graph .grad cycle
+        return float(s.mean()), float(s.std(ddof=1) / math.sqrt(len(s)))
+
+    def their_eig():
+        torch.manual_seed(1)
+        h = pyhessian.hessian(model, loss, data=data, cuda=device == "cuda")
+        vals, _ = h.eigenvalues(maxIter=probes, tol=float("-inf"), top_n=1)
+        model.zero_grad(set_to_none=True)
+        return float(vals[0]), None
+
+    out["trace/pyhessian"] = their_trace
+    out["lambda_max/pyhessian"] = their_eig
+    return out
+
+
+def _timed(fn, device):
+    cpu, wall = time.thread_time(), time.perf_counter()
+    value = fn()
+    _sync(device)
+    return value, time.thread_time() - cpu, time.perf_counter() - wall
+
+
+def _compare(size, device, repeats) -> dict:
+    """Interleaved rounds of every runner; medians, speedups and estimates."""
+    pyhessian = pytest.importorskip("pyhessian")
+    model, loss, x, y = _problem(size, device)
+    probes = size[-1]
+    runners = _runners(pyhessian, model, loss, x, y, probes, device)
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)  # a fair single-thread comparison on a shared machine
+    try:
+        values = {k: fn() for k, fn in runners.items()}  # warm-up (imports, allocator)
+        cpu = {k: [] for k in runners}
+        wall = {k: [] for k in runners}
+        for _ in range(repeats):
+            for k, fn in runners.items():
+                values[k], c, w = _timed(fn, device)
+                cpu[k].append(c)
+                wall[k].append(w)
+        op = HessianOperator(model, loss, (x, y))
+        ref = top_eigenvalues(op, k=1, tol=1e-7, max_iters=min(op.dim, 400))
+    finally:
+        torch.set_num_threads(threads)
+    clock = cpu if device == "cpu" else wall  # CPU time is robust to other tenants
+    med = {k: statistics.median(v) for k, v in clock.items()}
+    lam = float(ref.eigenvalues[0])
+    rows = {}
+    for k in runners:
+        quantity, impl = k.split("/")
+        value, spread = values[k]
+        peer = med[f"{quantity}/pyhessian"]
+        theirs = clock[f"{quantity}/pyhessian"]
+        rows[k] = {
+            "case": quantity,
+            "impl": impl,
+            "median_s": med[k],
+            "min_s": min(clock[k]),
+            "median_wall_s": statistics.median(wall[k]),
+            "speedup_vs_pyhessian": peer / med[k],
+            # the same ratio per round (each pair ran back to back, under the same load)
+            "speedup_paired_median": statistics.median(t / o for t, o in zip(theirs, clock[k])),
+            "speedup_best_of": min(theirs) / min(clock[k]),
+            "estimate": value,
+            "stderr" if quantity == "trace" else "residual": spread,
+        }
+        if quantity == "lambda_max":
+            rows[k]["rel_gap_to_converged"] = (value - lam) / abs(lam)
+    return {
+        "rows": rows,
+        "lambda_max_converged": lam,
+        "params": op.dim,
+        "probes": probes,
+        "device": device,
+        "clock": "thread CPU time" if device == "cpu" else "wall (synchronised)",
+        "repeats": repeats,
+        "backend": op.backend_used,
+    }
+
+
+def _report(benchmark, result) -> None:
+    benchmark.extra_info.update({k: v for k, v in result.items() if k != "rows"}, peer="pyhessian")
+    for k, row in result["rows"].items():
+        benchmark.extra_info[k] = row
+    print(
+        f"\nsharpness vs PyHessian: {result['params']} params, {result['probes']} HVPs, "
+        f"{result['device']}, median {result['clock']} of {result['repeats']} interleaved rounds"
+    )
+    for k, r in result["rows"].items():
+        spread = r.get("stderr")
+        spread = "" if spread is None else f" +- {spread:.4g}"
+        if r.get("residual") is not None:
+            spread = f" (residual {r['residual']:.2g})"
+        gap = r.get("rel_gap_to_converged")
+        gap = "" if gap is None else f"  gap {gap:+.2%}"
+        print(
+            f"  {k:34s} {r['median_s'] * 1e3:8.1f} ms (wall {r['median_wall_s'] * 1e3:7.1f})"
+            f"  x{r['speedup_vs_pyhessian']:.2f} (paired x{r['speedup_paired_median']:.2f},"
+            f" best-of x{r['speedup_best_of']:.2f})  {r['estimate']:.5g}{spread}{gap}"
+        )
+
+
+def _check(result) -> None:
+    rows = result["rows"]
+    ours, theirs = rows["trace/stablecore"], rows["trace/pyhessian"]
+    # two independent estimates of one trace: within 4 combined standard errors
+    assert abs(ours["estimate"] - theirs["estimate"]) <= 4 * math.hypot(
+        ours["stderr"], theirs["stderr"]
+    ), (ours, theirs)
+    # Lanczos at equal HVPs is at least as close to lambda_max as power iteration (from below)
+    lam = result["lambda_max_converged"]
+    assert (
+        rows["lambda_max/stablecore"]["estimate"]
+        >= rows["lambda_max/pyhessian"]["estimate"] - 1e-3 * lam
+    )
+
+
+def test_interleaved_vs_pyhessian(benchmark):
+    result = benchmark.pedantic(
+        lambda: _compare(SIZE, DEVICE, REPEATS), rounds=1, iterations=1, warmup_rounds=0
+    )
+    _report(benchmark, result)
+    _check(result)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_interleaved_vs_pyhessian_gpu(benchmark):
+    result = benchmark.pedantic(
+        lambda: _compare(FULL, "cuda", 5), rounds=1, iterations=1, warmup_rounds=0
+    )
+    _report(benchmark, result)
+    _check(result)
+
+
+# ----------------------------------------------------------------------------- per implementation
+@pytest.fixture(scope="module")
+def problem():
+    return _problem(SIZE, DEVICE)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "trace/stablecore",
+        "trace/pyhessian",
+        "lambda_max/stablecore",
+        f"lambda_max/stablecore_block{BLOCK}",
+        "lambda_max/pyhessian",
+    ],
+)
+def test_case(benchmark, problem, name):
+    model, loss, x, y = problem
+    pyhessian = pytest.importorskip("pyhessian") if name.endswith("pyhessian") else None
+    fn = _runners(pyhessian, model, loss, x, y, SIZE[-1], DEVICE)[name]
+    fn()  # warm-up
+
+    def run():
+        out = fn()
+        _sync(DEVICE)
+        return out
+
+    value, spread = benchmark.pedantic(run, rounds=REPEATS, iterations=1)
+    quantity, impl = name.split("/")
+    benchmark.group = quantity
     benchmark.extra_info.update(
-        peer=peer,
-        estimate=estimate,
-        stderr=stderr,
+        case=quantity,
+        impl=impl,
+        peer="pyhessian",
+        estimate=value,
+        spread=spread,
         probes=SIZE[-1],
         device=DEVICE,
-        params=num_params,
-        peak_memory=_peak_and_reset(),
-        smoke=SMOKE,
+        params=sum(p.numel() for p in model.parameters()),
+        peak_mem_bytes=_peak(DEVICE),
+        floor_s=None,
     )
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model, loss, x, y = _setup()
-    # warm up torch.func (its first use imports torch._dynamo: seconds, once per process)
-    op = HessianOperator(model, loss, (x, y))
-    op.matvec(torch.randn(2, op.dim, device=DEVICE))
-    return model, loss, x, y
-
-
-def test_trace_stablecore(benchmark, setup):
-    model, loss, x, y = setup
-    probes = SIZE[-1]
-
-    def run():
-        est = hessian_trace(model, loss, (x, y), num_probes=probes, probe_batch=probes)
-        _sync()
-        return est
-
-    est = benchmark.pedantic(run, rounds=1 if SMOKE else 3, iterations=1, warmup_rounds=0)
-    _info(
-        benchmark, "stablecore", est.trace, est.stderr, sum(p.numel() for p in model.parameters())
-    )
-    assert math.isfinite(est.trace) and est.num_probes == probes
-
-
-def test_trace_pyhessian(benchmark, setup):
-    pyhessian = pytest.importorskip("pyhessian")
-    model, loss, x, y = setup
-    probes = SIZE[-1]
-
-    def run():
-        torch.manual_seed(1)
-        h = pyhessian.hessian(model, loss, data=(x, y), cuda=DEVICE == "cuda")
-        samples = h.trace(maxIter=probes, tol=float("-inf"))
-        _sync()
-        model.zero_grad(set_to_none=True)
-        return samples
-
-    samples = np.asarray(benchmark.pedantic(run, rounds=1 if SMOKE else 3, iterations=1))
-    theirs, se = float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(len(samples)))
-    _info(benchmark, "pyhessian", theirs, se, sum(p.numel() for p in model.parameters()))
-    assert len(samples) == probes
-    ours = hessian_trace(model, loss, (x, y), num_probes=probes, probe_batch=probes, seed=7)
-    # same quantity: the two independent estimates agree within 4 combined standard errors
-    assert abs(ours.trace - theirs) <= 4 * math.hypot(ours.stderr, se), (ours.trace, theirs)
-
-
-def test_eigenvalue_stablecore(benchmark, setup):
-    model, loss, x, y = setup
-    steps = SIZE[-1]
-
-    def run():
-        res = top_eigenvalues(model, loss, (x, y), k=1, max_iters=steps, tol=0.0)
-        _sync()
-        return res
-
-    res = benchmark.pedantic(run, rounds=1 if SMOKE else 3, iterations=1)
-    _info(
-        benchmark,
-        "stablecore",
-        float(res.eigenvalues[0]),
-        float(res.residuals[0]),
-        sum(p.numel() for p in model.parameters()),
-    )
-    assert res.num_matvecs == steps
-
-
-def test_eigenvalue_pyhessian(benchmark, setup):
-    pyhessian = pytest.importorskip("pyhessian")
-    model, loss, x, y = setup
-    steps = SIZE[-1]
-
-    def run():
-        torch.manual_seed(1)
-        h = pyhessian.hessian(model, loss, data=(x, y), cuda=DEVICE == "cuda")
-        vals, _ = h.eigenvalues(maxIter=steps, tol=float("-inf"), top_n=1)
-        _sync()
-        model.zero_grad(set_to_none=True)
-        return vals[0]
-
-    theirs = float(benchmark.pedantic(run, rounds=1 if SMOKE else 3, iterations=1))
-    _info(benchmark, "pyhessian", theirs, None, sum(p.numel() for p in model.parameters()))
-    ours = top_eigenvalues(model, loss, (x, y), k=1, max_iters=steps, tol=0.0)
-    # power iteration approaches lambda_max from below, Lanczos is at least as close
-    assert theirs <= float(ours.eigenvalues[0]) * (1 + 1e-3)
+    if benchmark.stats is not None:
+        benchmark.extra_info["median_s"] = benchmark.stats.stats.median
+    assert math.isfinite(value)

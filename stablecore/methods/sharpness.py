@@ -1,8 +1,9 @@
 """Sharpness of a loss landscape: Hessian trace, top eigenvalues, Frobenius norm, eigen-density.
 
-Matrix-free estimators on Hessian-vector products (forward-over-reverse ``torch.func``, vmapped
-over probes; see :class:`HessianOperator` for the fallback chain to double backward and to
-``stablecore.ops.reference_mode``). Every estimator takes ``(model, loss_fn, data)`` or a ready
+Matrix-free estimators on batched Hessian-vector products: hand-written R-op rules for
+``nn.Sequential`` MLPs with cross-entropy/MSE, else ``torch.func`` vmapped over probes (see
+:class:`HessianOperator` for the fallback chain to double backward and to
+``stablecore.ops.reference_mode``). Eigenvalues and SLQ live in ``_hessian/spectral.py``. Every estimator takes ``(model, loss_fn, data)`` or a ready
 :class:`HessianOperator` as its first argument, plus the operator's keywords (``params``,
 ``kind="ggn"``, ``train``, ...). Paper notes: ``shared/papers/sgd_stability.md``.
 
@@ -20,18 +21,24 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from stablecore.methods._hessian.lanczos import LanczosState, lanczos, power_iteration
 from stablecore.methods._hessian.operator import (
     HessianOperator,
     softmax_ce_logit_hvp,
     stablemax_ce_logit_hvp,
+)
+from stablecore.methods._hessian.spectral import (
+    EigenResult,
+    SpectralDensity,
+    as_operator,
+    eigenvalue_density,
+    plot_eigenvalue_density,
+    top_eigenvalues,
 )
 
 __all__ = [
@@ -54,16 +61,6 @@ __all__ = [
 Groups = str | Callable[[str], str] | Mapping[str, Sequence[str]] | None
 
 
-def _operator(model: Any, loss_fn: Any, data: Any, op_kwargs: dict) -> HessianOperator:
-    if isinstance(model, HessianOperator):
-        if op_kwargs:
-            raise TypeError(f"operator keywords {sorted(op_kwargs)} given with a ready operator")
-        return model
-    if data is None:
-        raise ValueError("data is required (one batch or a re-iterable of batches)")
-    return HessianOperator(model, loss_fn, data, **op_kwargs)
-
-
 def _group_of(groups: Groups) -> Callable[[str], str]:
     if groups is None or groups == "module":  # parameters of one module share a group
         return lambda n: n.rpartition(".")[0] or n
@@ -83,7 +80,7 @@ def hessian_vector_product(
     model: Any, loss_fn: Any = None, data: Any = None, vectors: Tensor | None = None, **op_kwargs
 ) -> Tensor:
     """``H v`` for ``vectors: [D]`` or ``[P, D]`` (flat over the selected parameters)."""
-    op = _operator(model, loss_fn, data, op_kwargs)
+    op = as_operator(model, loss_fn, data, op_kwargs)
     if vectors is None:
         raise ValueError("vectors is required")
     return op.matvec(vectors)
@@ -145,7 +142,7 @@ def _hutchinson(
     limit = num_probes if num_probes is not None else max_probes
     quad, sq, blocks = [], [], []
     bar = tqdm(total=limit, desc=f"hutchinson {target}", disable=not progress, leave=False)
-    offsets = torch.tensor([0, *op.numels], device=op.device).cumsum(0)
+    f64 = torch.float64
     while (m := sum(q.shape[0] for q in quad)) < limit:
         if num_probes is None and m >= min_probes:
             vals = torch.cat(quad if target == "trace" else sq)
@@ -154,13 +151,14 @@ def _hutchinson(
                 break
         b = min(probe_batch, limit - m)
         V = torch.randint(0, 2, (b, op.dim), generator=gen, device=op.device).to(op.dtype) * 2 - 1
-        HV = op.matvec(V).double()
-        prod = V.double() * HV
-        quad.append(prod.sum(-1))
-        sq.append((HV * HV).sum(-1))
-        # per-parameter sums of v_i (Hv)_i: unbiased for the trace of each diagonal block
-        cums = torch.nn.functional.pad(prod.cumsum(-1), (1, 0))
-        blocks.append(cums[:, offsets[1:]] - cums[:, offsets[:-1]])
+        HV = op.matvec(V)
+        prod = V * HV  # exact: v_i = +-1
+        # per-parameter sums of v_i (Hv)_i, accumulated in float64: unbiased for the trace of
+        # each diagonal block; their total is v^T H v
+        per = torch.stack([c.sum(-1, dtype=f64) for c in prod.split(op.numels, -1)], -1)
+        blocks.append(per)
+        quad.append(per.sum(-1))
+        sq.append(torch.linalg.vector_norm(HV, dim=-1, dtype=f64) ** 2)
         bar.update(b)
     bar.close()
     return torch.cat(quad), torch.cat(sq), torch.cat(blocks)
@@ -190,7 +188,7 @@ def hessian_trace(
 
         >>> hessian_trace(nn.Linear(3, 1), nn.MSELoss(), (torch.randn(8, 3), torch.randn(8, 1))).trace
     """
-    op = _operator(model, loss_fn, data, op_kwargs)
+    op = as_operator(model, loss_fn, data, op_kwargs)
     quad, sq, blocks = _hutchinson(
         op, "trace", num_probes, rtol, min_probes, max_probes, probe_batch, seed, progress
     )
@@ -220,213 +218,12 @@ def hessian_frobenius_norm(
 ) -> FrobeniusEstimate:
     """``||H||_F`` from ``E||Hv||^2 = ||H||_F^2`` (Rademacher ``v``); stops once the standard error of
     ``||H||_F^2`` is below ``rtol`` of it. Arguments as :func:`hessian_trace`."""
-    op = _operator(model, loss_fn, data, op_kwargs)
+    op = as_operator(model, loss_fn, data, op_kwargs)
     _, sq, _ = _hutchinson(
         op, "frobenius", num_probes, rtol, min_probes, max_probes, probe_batch, seed, progress
     )
     f2, se = _mean_se(sq)
     return FrobeniusEstimate(math.sqrt(max(f2, 0.0)), f2, se, sq.shape[0])
-
-
-# ----------------------------------------------------------------------------- eigenvalues
-@dataclass
-class EigenResult:
-    """``eigenvalues: [k]`` float64 ordered by ``which`` (largest first for ``"LA"``/``"LM"``);
-    ``eigenvectors: [k, D]`` (unit norm) when asked; ``residuals: [k]`` bounds ``||Hy - theta y||``."""
-
-    eigenvalues: Tensor
-    eigenvectors: Tensor | None
-    residuals: Tensor
-    num_matvecs: int
-    converged: bool
-    method: str
-
-
-def _pick(theta: Tensor, k: int, which: str) -> Tensor:
-    key = {"LA": theta, "SA": -theta, "LM": theta.abs()}[which]
-    return key.argsort(descending=True)[:k]
-
-
-def top_eigenvalues(
-    model: Any,
-    loss_fn: Any = None,
-    data: Any = None,
-    *,
-    k: int = 1,
-    which: str = "LA",
-    method: str = "lanczos",
-    max_iters: int | None = None,
-    tol: float = 1e-6,
-    return_eigenvectors: bool = False,
-    seed: int = 0,
-    progress: bool = False,
-    **op_kwargs: Any,
-) -> EigenResult:
-    """The ``k`` extreme eigenvalues of H: ``which="LA"`` largest algebraic (lambda_max, the GD
-    stability quantity), ``"SA"`` smallest, ``"LM"`` largest magnitude.
-
-    ``method="lanczos"`` (default): full reorthogonalisation, stops when each wanted Ritz pair has
-    residual ``<= tol * max|theta|`` (or after ``max_iters``, default ``min(D, max(100, 4k))``; at
-    ``D`` steps the result is exact). Repeated eigenvalues may be found once only unless the
-    Krylov space breaks down (then it restarts). ``method="power"``: deflated power iteration,
-    largest magnitude only (PyHessian's method), ``max_iters`` per eigenvalue.
-
-    Raises ``ValueError`` for ``k`` outside ``1..D``. Example::
-
-        >>> top_eigenvalues(nn.Linear(3, 1), nn.MSELoss(), (torch.randn(8, 3), torch.randn(8, 1)), k=2)
-    """
-    op = _operator(model, loss_fn, data, op_kwargs)
-    if not isinstance(k, int) or not 1 <= k <= op.dim:
-        raise ValueError(
-            f"k must be an int in 1..D where D={op.dim} (the number of parameters "
-            f"measured); got k={k!r}"
-        )
-    if which not in ("LA", "SA", "LM"):
-        raise ValueError(f"which must be 'LA', 'SA' or 'LM'; got {which!r}")
-    gen = torch.Generator(device=op.device).manual_seed(seed)
-    start = op.num_matvecs
-    if method == "power":
-        if which != "LM":
-            raise ValueError(
-                "method='power' finds the largest-magnitude eigenvalues: use which='LM'"
-            )
-        vals, vecs, _ = power_iteration(
-            op.matvec,
-            op.dim,
-            k,
-            num_iters=max_iters or 100,
-            tol=tol,
-            dtype=op.dtype,
-            device=op.device,
-            generator=gen,
-            progress=progress,
-        )
-        res = (op.matvec(vecs).double() - vals[:, None] * vecs.double()).norm(dim=-1)
-        return EigenResult(
-            vals,
-            vecs if return_eigenvectors else None,
-            res,
-            op.num_matvecs - start,
-            bool((res <= 1e3 * tol * vals.abs().max()).all()),
-            "power",
-        )
-    if method != "lanczos":
-        raise ValueError(f"method must be 'lanczos' or 'power'; got {method!r}")
-    steps = min(op.dim, max_iters or max(100, 4 * k))
-    min_steps = min(op.dim, max(2 * k + 1, 10))
-
-    def ritz_pairs(state: LanczosState) -> tuple[Tensor, Tensor, Tensor]:
-        theta, s = state.ritz()
-        idx = _pick(theta[0], min(k, state.steps), which)
-        res = state.beta[0, -1].abs() * s[0, -1, idx].abs()
-        return theta[0, idx], s[0][:, idx], res
-
-    def done(state: LanczosState) -> bool:
-        if state.steps < min_steps:
-            return False
-        theta, _, res = ritz_pairs(state)
-        return bool((res <= tol * theta.abs().max().clamp_min(1e-300)).all())
-
-    v0 = torch.randn(1, op.dim, dtype=op.dtype, device=op.device, generator=gen)
-    state = lanczos(
-        op.matvec,
-        v0,
-        steps,
-        stop=done,
-        generator=gen,
-        progress=progress,
-        desc="lanczos eigenvalues",
-        check_every=4,
-    )
-    theta, s, res = ritz_pairs(state)
-    converged = state.steps == op.dim or bool((res <= tol * theta.abs().max()).all())
-    vecs = None
-    if return_eigenvectors:
-        vecs = torch.einsum("jd,ji->id", state.basis[:, 0].double(), s).to(op.dtype)
-    return EigenResult(theta, vecs, res, op.num_matvecs - start, converged, "lanczos")
-
-
-# ----------------------------------------------------------------------------- spectral density
-@dataclass
-class SpectralDensity:
-    """Stochastic Lanczos quadrature: per probe, Gauss nodes ``[P, m]`` (Ritz values) and weights
-    ``[P, m]`` (first components squared; each row sums to 1). ``dim`` is D."""
-
-    nodes: Tensor
-    weights: Tensor
-    dim: int
-
-    def evaluate(self, grid: Tensor, sigma: float | None = None) -> Tensor:
-        """Gaussian-smoothed density ``[G]`` on ``grid: [G]`` (integrates to ~1)."""
-        if sigma is None:
-            span = float(self.nodes.max() - self.nodes.min())
-            sigma = max(span, 1e-12) / 100
-        g = grid.double().reshape(1, 1, -1)
-        kern = torch.exp(-0.5 * ((g - self.nodes.unsqueeze(-1)) / sigma) ** 2)
-        kern = kern / (sigma * math.sqrt(2 * math.pi))
-        return (self.weights.unsqueeze(-1) * kern).sum(1).mean(0)
-
-    def trace(self) -> float:
-        """``D * mean_p sum_j w_pj theta_pj``: a Hutchinson-type estimate of Tr(H)."""
-        return self.dim * float((self.weights * self.nodes).sum(-1).mean())
-
-
-def eigenvalue_density(
-    model: Any,
-    loss_fn: Any = None,
-    data: Any = None,
-    *,
-    num_steps: int = 40,
-    num_probes: int = 4,
-    seed: int = 0,
-    progress: bool = False,
-    **op_kwargs: Any,
-) -> SpectralDensity:
-    """Eigenvalue density of H by SLQ: ``num_probes`` Rademacher starts run their Lanczos
-    recurrences together (one vmapped HVP call per step for all probes), ``num_steps`` each."""
-    op = _operator(model, loss_fn, data, op_kwargs)
-    if num_steps < 1 or num_probes < 1:
-        raise ValueError(f"num_steps and num_probes must be >= 1; got {num_steps}, {num_probes}")
-    gen = torch.Generator(device=op.device).manual_seed(seed)
-    v0 = torch.randint(0, 2, (num_probes, op.dim), generator=gen, device=op.device) * 2 - 1
-    state = lanczos(
-        op.matvec, v0.to(op.dtype), num_steps, generator=gen, progress=progress, desc="SLQ"
-    )
-    theta, s = state.ritz()
-    return SpectralDensity(theta, s[:, 0, :] ** 2, op.dim)
-
-
-def plot_eigenvalue_density(
-    density: SpectralDensity,
-    path: str | Path,
-    *,
-    sigma: float | None = None,
-    num_points: int = 1000,
-    log: bool = True,
-    title: str = "Hessian eigenvalue density",
-) -> Path:
-    """Write a PNG of the smoothed density (log scale by default, as in PyHessian)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lo, hi = float(density.nodes.min()), float(density.nodes.max())
-    pad = 0.05 * max(hi - lo, 1e-12)
-    grid = torch.linspace(lo - pad, hi + pad, num_points, dtype=torch.float64)
-    dens = density.evaluate(grid, sigma)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(grid.numpy(), (dens + 1e-12).numpy() if log else dens.numpy())
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
-    ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ----------------------------------------------------------------------------- per group

@@ -369,3 +369,134 @@ def test_stablecore_stablemax_op_hvp():
     op = HessianOperator(fused, nn.NLLLoss(), (x, t))
     assert_close(op.dense(), exact_hessian(plain, nn.NLLLoss(), x, t))
     assert op.backend_used is not None
+
+
+# ----------------------------------------------------------------------------- structured R-op backend
+_ACTS = {
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "relu": nn.ReLU,
+    "leaky": lambda: nn.LeakyReLU(0.2),
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+}
+
+
+def _structured_case(act: str, loss_kind: str, hidden: int, n: int, seed: int):
+    seed_all(seed)
+    a = _ACTS[act]
+    model = nn.Sequential(
+        nn.Linear(3, hidden),
+        a(),
+        nn.Sequential(nn.Linear(hidden, 4), nn.Identity(), a()),
+        nn.Linear(4, 3),
+    ).to(F64)
+    x = torch.randn(n, 3, dtype=F64)
+    if loss_kind == "mse":
+        return model, nn.MSELoss(), x, torch.randn(n, 3, dtype=F64)
+    if loss_kind == "mse_sum":
+        return model, nn.MSELoss(reduction="sum"), x, torch.randn(n, 3, dtype=F64)
+    y = torch.randint(0, 3, (n,))
+    if loss_kind == "ce_ignore":  # ignored rows drop out of the loss and of the mean
+        y[0] = -100
+        return model, nn.CrossEntropyLoss(), x, y
+    return model, nn.CrossEntropyLoss(reduction="sum"), x, y
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    act=st.sampled_from(sorted(_ACTS)),
+    loss_kind=st.sampled_from(["mse", "mse_sum", "ce_ignore", "ce_sum"]),
+    hidden=st.integers(1, 5),
+    n=st.integers(2, 9),
+    subset=st.sampled_from([None, ("2.0.weight", "3.bias"), ("0.bias",), ("0.weight", "3.weight")]),
+    seed=st.integers(0, 1000),
+)
+def test_structured_backend_matches_exact_hessian(act, loss_kind, hidden, n, subset, seed):
+    model, loss, x, y = _structured_case(act, loss_kind, hidden, n, seed)
+    op = HessianOperator(model, loss, (x, y), params=subset)
+    ref = HessianOperator(model, loss, (x, y), params=subset, backend="double_backward")
+    assert_close(op.dense(), ref.dense())  # the batched rules (all D probes at once)
+    assert op.backend_used == "structured"
+    v = torch.randn(op.dim, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    assert_close(op.matvec(v), ref.matvec(v))  # the single-probe rules (Lanczos)
+    if subset is None:
+        assert_close(op.dense(), exact_hessian(model, loss, x, y))
+        assert_close(torch.tensor(op.loss_value, dtype=F64), loss(model(x), y).detach())
+
+
+def test_structured_cache_follows_parameter_updates():
+    model, loss, x, y = _structured_case("tanh", "ce_ignore", 4, 6, 21)
+    op = HessianOperator(model, loss, (x, y))
+    v = torch.randn(op.dim, dtype=F64)
+    before = op.matvec(v)
+    with torch.no_grad():  # an optimizer step: in place, bumps the parameter version
+        model[0].weight.mul_(1.5)
+    after = op.matvec(v)
+    assert float((after - before).abs().max()) > 1e-6
+    assert_close(after, HessianOperator(model, loss, (x, y), backend="double_backward").matvec(v))
+
+
+def test_structured_skips_what_it_cannot_serve():
+    model, loss, x, y = _structured_case("relu", "mse", 3, 5, 22)
+    custom = HessianOperator(model, lambda o, t: ((o - t) ** 2).mean(), (x, y))
+    custom.matvec(torch.ones(custom.dim, dtype=F64))
+    assert custom.backend_used != "structured"  # an arbitrary callable loss: autograd backends
+    dropout = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Linear(3, 3)).to(F64)
+    op = HessianOperator(dropout, loss, (x, y), train=False)
+    assert_close(op.dense(), exact_hessian(dropout.eval(), loss, x, y))
+    assert op.backend_used != "structured"
+    with pytest.raises(RuntimeError, match="Dropout.*no R-op rule"):
+        HessianOperator(dropout, loss, (x, y), backend="structured").matvec(
+            torch.ones(op.dim, dtype=F64)
+        )
+
+
+@pytest.mark.parametrize("block", [2, 3])
+def test_block_lanczos_matches_exact(block):
+    model, loss, x, y = _structured_case("tanh", "ce_sum", 3, 8, 23)
+    H = exact_hessian(model, loss, x, y)
+    ev, vecs = torch.linalg.eigh(H)
+    res = top_eigenvalues(
+        model, loss, (x, y), k=2, block_size=block, tol=1e-10, return_eigenvectors=True
+    )
+    assert res.method == "block_lanczos" and res.converged
+    assert res.num_matvecs % block == 0 and res.num_matvecs <= H.shape[0] + block
+    assert_close(res.eigenvalues, ev.flip(0)[:2], dtype=torch.float32)
+    cos = (res.eigenvectors[0] @ vecs[:, -1]).abs()
+    assert_close(cos, torch.tensor(1.0, dtype=F64), dtype=torch.float32)
+    low = top_eigenvalues(model, loss, (x, y), k=1, which="SA", block_size=block, tol=1e-10)
+    assert_close(low.eigenvalues, ev[:1], dtype=torch.float32)
+    capped = top_eigenvalues(model, loss, (x, y), k=1, block_size=block, max_iters=4 * block, tol=0)
+    assert capped.num_matvecs == 4 * block  # max_iters counts matvecs, not block steps
+    with pytest.raises(ValueError, match="block_size"):
+        top_eigenvalues(model, loss, (x, y), block_size=0)
+
+
+def test_forward_over_reverse_through_nn_mse_loss():
+    # torch 2.13's forward-mode AD of mse_loss's backward fails ("ZeroTensors are immutable");
+    # the operator writes MSE out for torch.func, so every backend works with nn.MSELoss
+    seed_all(24)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(F64)
+    x, y = regression(6, 3, 2, 24)
+    exact = exact_hessian(model, nn.MSELoss(), x, y)
+    for backend in ("func", "func_loop", "func_rr", "double_backward"):
+        op = HessianOperator(model, nn.MSELoss(reduction="sum"), (x, y), backend=backend)
+        assert_close(op.dense(), exact * x.shape[0] * 2, msg=backend)
+        assert op.backend_used == backend
+    ggn = HessianOperator(model, nn.MSELoss(), (x, y), kind="ggn", loss_hessian="exact")
+    assert_close(ggn.dense(), jacobian_ggn(model, x, torch.eye(12, dtype=F64) / 6))
+
+
+def test_module_used_twice_is_measured_and_left_intact():
+    # the same Linear at two places: no structured rule (shared parameters), and torch.func's
+    # functional_call would leave it without storage, so the operator uses double backward
+    seed_all(25)
+    lin = nn.Linear(3, 3).to(F64)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(3, 2).to(F64))
+    x, y = torch.randn(5, 3, dtype=F64), torch.randint(0, 2, (5,))
+    op = HessianOperator(model, nn.CrossEntropyLoss(), (x, y))
+    H = op.dense()
+    assert op.backend_used == "double_backward"
+    assert all(p.data_ptr() for p in model.parameters())  # still real tensors
+    assert_close(H, exact_hessian(model, nn.CrossEntropyLoss(), x, y))

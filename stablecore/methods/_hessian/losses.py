@@ -74,6 +74,25 @@ def _scalar_loss(loss_fn: Callable | None, out: Any, targets: Any) -> Tensor:
     return loss.reshape(())
 
 
+def forward_mode_safe(loss_fn: Callable | None) -> Callable | None:
+    """``loss_fn`` with ``nn.MSELoss``/``F.mse_loss`` replaced by the same formula written out:
+    in torch 2.13 forward-mode AD through ``mse_loss``'s backward fails ("ZeroTensors are
+    immutable"), which breaks forward-over-reverse HVPs. Other losses are returned as they are."""
+    reduction = None
+    if type(loss_fn) is nn.MSELoss:
+        reduction = loss_fn.reduction
+    elif loss_fn is F.mse_loss:
+        reduction = "mean"
+    if reduction not in ("mean", "sum"):
+        return loss_fn
+
+    def mse(out: Tensor, target: Tensor) -> Tensor:
+        sq = (out - target) ** 2
+        return sq.mean() if reduction == "mean" else sq.sum()
+
+    return mse
+
+
 def _split(batch: Any, loss_fn: Callable | None) -> tuple[Any, Any]:
     if loss_fn is None:
         return batch, None
@@ -165,7 +184,8 @@ def _resolve_logit_hvp(loss_fn: Callable | None, loss_hessian: str | LogitHVP) -
             z, t, u, reduction=reduction, ignore_index=ignore
         )
     if loss_hessian == "exact":  # Hessian of the loss in the outputs, by forward-over-reverse
-        return lambda z, t, u: jvp(grad(lambda o: _scalar_loss(loss_fn, o, t)), (z,), (u,))[1]
+        safe = forward_mode_safe(loss_fn)
+        return lambda z, t, u: jvp(grad(lambda o: _scalar_loss(safe, o, t)), (z,), (u,))[1]
     raise ValueError(
         f"loss_hessian must be 'auto', 'softmax_ce', 'stablemax_ce', 'exact' or a callable; "
         f"got {loss_hessian!r}"
