@@ -19,3 +19,4 @@ def test_demo_minimax_quick(tmp_path):
     for r in res.rows:
         assert math.isfinite(r["max_test_mse_chosen"]) and r["max_test_mse_chosen"] > 0
         assert r["classes"] == 4  # toy graph: stable {X1, X2}, none removable
+        assert math.isfinite(r["max_test_mse_all"]) and 1 <= r["chosen_rank"] <= r["classes"]
