@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from stablecore.methods._colide.cpu_step import blas_threads
 from stablecore.methods._colide.stage import _score, _sigma_closed_form, _Stage  # noqa: F401
 from stablecore.methods.dag_utils import to_dag
 
@@ -136,8 +137,9 @@ def colide_fit(
     flag costs nothing on CPU) that falls back to the masked step on any special event;
     ``True`` forces the masked step everywhere (same results; used to test the CUDA logic on CPU).
 
-    ``num_threads``: torch CPU threads during the fit; ``None`` uses 1 for ``d <= 256`` (tiny GEMMs:
-    extra threads only add contention, up to 30x slower on a loaded 2-core machine), restored after.
+    ``num_threads``: torch and numpy-BLAS CPU threads during the fit; ``None`` uses 1 for
+    ``d <= 256`` (tiny GEMMs: extra threads only add contention, up to 40x slower on a loaded
+    2-core machine), restored after.
 
     Differences from the reference loop, all confined to rare events: a learning-rate halving
     after leaving the M-matrix domain consumes one step of the (lock-step) loop instead of
@@ -150,7 +152,7 @@ def colide_fit(
     want = (
         num_threads if num_threads is not None else (1 if d_in <= 256 else torch.get_num_threads())
     )
-    with _torch_threads(want):
+    with _torch_threads(want), blas_threads(want):
         if T < 1 or checkpoint < 1 or warm_iter < 1 or max_iter < 1:
             raise ValueError("T, checkpoint, warm_iter and max_iter must be >= 1")
         device = torch.device(device) if device is not None else torch.as_tensor(X).device

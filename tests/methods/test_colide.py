@@ -163,3 +163,35 @@ def test_newton_schulz_inverse_matches_exact():
     ns = colide_fit(X, 0.05, variant="nv", inverse="newton_schulz", sync_free=True, **calm)
     assert_close(ns.W, exact.W, dtype=torch.float32)
     assert_close(ns.sigma, exact.sigma, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["ev", "nv", "dagma"])
+def test_cpu_fast_path_matches_masked_step_and_numpy_adam(monkeypatch, variant):
+    # The CPU fast path (numpy views, fused torch Adam) against the masked torch step (the CUDA
+    # logic) and against its own numpy-Adam fallback, on calm trajectories (no domain events).
+    from stablecore.methods._colide import cpu_step
+
+    data = _data([0, 1], equal=variant != "nv")
+    X = np.stack([x for _, x in data])
+    calm = dict(EVENTFUL, lr=3e-3)
+    fast = colide_fit(X, [0.02, 0.1], variant=variant, **calm)
+    masked = colide_fit(X, [0.02, 0.1], variant=variant, sync_free=True, **calm)
+    assert_close(fast.W, masked.W)
+    assert_close(fast.sigma, masked.sigma)
+    assert torch.equal(fast.steps, masked.steps)
+    monkeypatch.setattr(cpu_step, "_fused_adam_available", lambda: False)
+    plain = colide_fit(X, [0.02, 0.1], variant=variant, **calm)
+    assert_close(fast.W, plain.W)
+
+
+def test_blas_threads_context_restores_count():
+    from stablecore.methods._colide.cpu_step import _openblas_setters, blas_threads
+
+    setters = _openblas_setters()
+    if setters is None:
+        pytest.skip("numpy is not linked to a bundled OpenBLAS")
+    get, _ = setters
+    before = int(get())
+    with blas_threads(1):
+        assert int(get()) == 1
+    assert int(get()) == before

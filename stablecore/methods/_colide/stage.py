@@ -7,19 +7,21 @@ sync (the CUDA path), which also handles domain restarts and learning-rate halvi
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from stablecore.methods._colide.cpu_step import NumpyStep
 
 VARIANTS = ("ev", "nv", "dagma")
 
 
 def _sigma_closed_form(q: torch.Tensor, variant: str, sigma_min: float) -> torch.Tensor:
-    # q: [B, d]; the tiny floor only guards 0/0 on noiseless data (the reference never clips).
-    floor = max(sigma_min, torch.finfo(q.dtype).tiny)
+    # q: [B, d]; sqrt(max(q, floor^2)): the tiny floor only guards 0/0 on noiseless data (the
+    # reference never clips); same arithmetic as the CPU fast path (cpu_step.NumpyStep).
+    floor2 = max(sigma_min**2, torch.finfo(q.dtype).tiny)
     if variant == "ev":
-        return q.mean(-1).clamp_min(0).sqrt().clamp_min(floor)
+        return q.mean(-1).clamp_min(floor2).sqrt()
     if variant == "nv":
-        return q.clamp_min(0).sqrt().clamp_min(floor)
+        return q.clamp_min(floor2).sqrt()
     return torch.ones_like(q[:, 0])
 
 
@@ -64,6 +66,7 @@ class _Stage:
         self.active = torch.ones(B, dtype=torch.bool, device=W.device)
         self.obj_prev = torch.full((B,), 1e16, **opts)
         self.Xinv = None
+        self._np = None  # numpy views + buffers of the CPU fast path, built lazily
         if inverse != "exact":
             eye = torch.eye(d, **opts)
             self.Xinv = torch.linalg.inv(self.st[:, None, None] * eye - W * W)
@@ -97,56 +100,12 @@ class _Stage:
         return False
 
     def _fast_numpy(self, cov, lam, mu, b1, b2, domain_tol) -> bool:
-        """The CPU fast path on numpy views of the state (torch's per-op overhead dominates at
-        d <= 100); same arithmetic as :meth:`_fast`. False (nothing changed) on any special event."""
-        if self.sigma_min > 0 or self.W.dtype not in (torch.float32, torch.float64):
+        """The CPU fast path (:class:`NumpyStep`); False (nothing changed) on any special event."""
+        if self.W.dtype not in (torch.float32, torch.float64):
             return False
-        W, st = self.W.numpy(), self.st.numpy()
-        d = W.shape[-1]
-        M = -W * W
-        M[:, range(d), range(d)] += st[:, None]
-        try:
-            Minv = np.linalg.inv(M)
-        except np.linalg.LinAlgError:
-            return False
-        if (Minv < -domain_tol).any():
-            return False
-        C, it = cov.numpy(), self.it.numpy()
-        dif = -W
-        dif[:, range(d), range(d)] += 1.0
-        rhs = C @ dif
-        q = np.einsum("bij,bij->bj", dif, rhs)
-        tiny = np.finfo(W.dtype).tiny
-        if self.variant == "ev":
-            sig = np.maximum(np.sqrt(np.maximum(q.mean(-1), 0.0)), tiny)
-        elif self.variant == "nv":
-            sig = np.maximum(np.sqrt(np.maximum(q, 0.0)), tiny)
-        else:
-            sig = np.ones(W.shape[0], dtype=W.dtype)
-        if self.maybe_stored:  # first step of a stage (or after a restart): the stored sigma
-            keep = self.use_stored.numpy()
-            sig = np.where(keep[:, None] if sig.ndim == 2 else keep, self.sigma.numpy(), sig)
-        if self.variant == "dagma":
-            G = rhs.copy()
-        else:
-            G = rhs / (sig[:, None, :] if sig.ndim == 2 else sig[:, None, None])
-        G *= -mu
-        G += np.sign(W) * (mu * lam.numpy())[:, None, None]
-        G += 2.0 * W * Minv.transpose(0, 2, 1)
-        m, v = self.m.numpy(), self.v.numpy()
-        m *= b1
-        m += (1 - b1) * G
-        v *= b2
-        v += (1 - b2) * G * G
-        denom = np.sqrt(v / (1 - b2**it)[:, None, None]) + 1e-8
-        self.W_prev.numpy()[...] = W
-        W -= (self.lr.numpy() / (1 - b1**it))[:, None, None] * m / denom
-        self.sigma = torch.from_numpy(np.array(sig, dtype=W.dtype))
-        self.use_stored = torch.zeros_like(self.use_stored)
-        self.maybe_stored = False
-        it += 1
-        self.steps += 1
-        return True
+        if self._np is None:
+            self._np = NumpyStep(self, cov, lam)
+        return self._np.step(mu, b1, b2, domain_tol)
 
     def _direction(self, cov, lam, mu, eye, Minv, sigma_min):
         W, col = self.W, (slice(None), None, None)
@@ -160,6 +119,7 @@ class _Stage:
         return G, sig
 
     def _fast(self, cov, lam, mu, eye, Minv, b1, b2, sigma_min):
+        self._np = None  # replaces sigma: rebuild the numpy views next time
         G, sig = self._direction(cov, lam, mu, eye, Minv, sigma_min)
         col = (slice(None), None, None)
         self.m.mul_(b1).add_(G, alpha=1 - b1)
@@ -175,6 +135,7 @@ class _Stage:
             self.X_prev, self.Xinv = self.Xinv, Minv
 
     def _masked(self, cov, lam, mu, eye, Minv, bad, budget, b1, b2, sigma_min):
+        self._np = None  # this step replaces the state tensors: the numpy views go stale
         col = (slice(None), None, None)
         keep = (slice(None), None) if self.sigma.ndim == 2 else (slice(None),)
         restart = bad & ((self.it == 1) | (self.st <= 0.9 + 1e-12))
