@@ -2,9 +2,11 @@
 
 Full size (GPU): vocab 32000, hidden 2048, intermediate 5504, 16 layers, untied embedding and
 head: 0.941 B parameters in 147 tensors, fp32 params and grads. ``STABLECORE_BENCH_SMOKE=1`` (or
-no CUDA) runs a small CPU list of the same structure. Peers run in the same process:
-torch AdamW (foreach, fused), bitsandbytes AdamW8bit, torchao AdamW4bit, pytorch-optimizer
-StableSPAM (each skipped when its package is missing).
+no CUDA) runs a small CPU list of the same structure (166 K parameters, 21 tensors) where
+StableSPAM runs with each CPU backend: "auto" (= the torch._foreach path at this size), "eager"
+(the per-tensor reference) and "cpu" (numba). Peers run in the same process: torch AdamW
+(foreach, fused), bitsandbytes AdamW8bit, torchao AdamW4bit, pytorch-optimizer StableSPAM (each
+skipped when its package is missing).
 
     pytest bench/test_bench_optimizers.py --benchmark-json bench/results/optimizers.json
 """
@@ -97,10 +99,17 @@ def _bench(benchmark, name: str, make_opt, floor_bytes_per_param: float | None =
 _STATE_RW = {32: 16.0, 16: 8.0, 8: 4.0 + 0.0625, 4: 2.0 + 0.125}
 
 
+# CPU: every CPU backend in the same process ("auto" is "foreach" there); GPU: the fused kernels
+_SS_BACKENDS = ["auto", "eager", "cpu"] if DEVICE == "cpu" else ["auto"]
+
+
+@pytest.mark.parametrize("backend", _SS_BACKENDS)
 @pytest.mark.parametrize("bits", [32, 16, 8, 4])
-def test_stablecore_stable_spam(benchmark, bits):
-    # CPU: the numba fast path (auto picks it only for buckets of >= 2**20 elements)
-    backend = "cpu" if DEVICE == "cpu" and numba_available() else "auto"
+def test_stablecore_stable_spam(benchmark, bits, backend):
+    if backend == "cpu" and not numba_available():
+        pytest.skip("numba is not installed")
+    if backend == "eager" and bits in (16, 8):
+        pytest.skip("eager reference: 32 and 4 bits are enough to show its cost")
     _bench(
         benchmark,
         f"stablecore StableSPAM {bits}-bit state ({backend})",
@@ -109,12 +118,13 @@ def test_stablecore_stable_spam(benchmark, bits):
     )
 
 
+@pytest.mark.parametrize("backend", ["auto", "eager"])
 @pytest.mark.parametrize("bits", [32, 4])
-def test_stablecore_spam(benchmark, bits):
+def test_stablecore_spam(benchmark, bits, backend):
     _bench(
         benchmark,
-        f"stablecore SPAM {bits}-bit state (eager)",
-        lambda ps: SPAM(ps, lr=1e-4, state_bits=bits),
+        f"stablecore SPAM {bits}-bit state ({backend})",
+        lambda ps: SPAM(ps, lr=1e-4, state_bits=bits, backend=backend),
     )
 
 

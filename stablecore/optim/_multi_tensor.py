@@ -178,8 +178,8 @@ class CommonOptimizerMixin:
     def _setup_common(self, compat: str, state_bits: int, on_nonfinite: str, backend: str):
         if on_nonfinite not in ("skip", "raise"):
             raise ValueError(f"on_nonfinite must be 'skip' or 'raise', got {on_nonfinite!r}")
-        if backend not in ("auto", "eager", "triton", "cpu"):
-            raise ValueError(f"backend must be auto/eager/triton/cpu, got {backend!r}")
+        if backend not in ("auto", "eager", "foreach", "triton", "cpu"):
+            raise ValueError(f"backend must be auto/eager/foreach/triton/cpu, got {backend!r}")
         self.compat, self.state_bits = compat, state_bits
         self.on_nonfinite, self.backend = on_nonfinite, backend
         self.total_steps = 0
@@ -233,12 +233,16 @@ class CommonOptimizerMixin:
             return self.backend
         if device.type == "cuda" and _backends.triton_unavailable_reason("cuda") is None:
             return "triton"
-        if device.type == "cpu" and numel >= CPU_FAST_PATH_MIN_NUMEL:
-            # below this the numba call overhead (and its one-time compile) is not worth it
-            from stablecore.optim._cpu_offload import numba_available
+        if device.type == "cpu":
+            # measured (1 thread): 166 K params in 21 tensors, foreach 4.3 ms vs numba 13.7 ms
+            # (its per-call overhead); 16.8 M params in 39 tensors, numba 125 ms vs foreach 257
+            # ms (32-bit) and 0.87 s vs 1.21 s (4-bit). Numba is imported only for big buckets.
+            if numel >= CPU_FAST_PATH_MIN_NUMEL:
+                from stablecore.optim._cpu_offload import numba_available
 
-            if numba_available():
-                return "cpu"
+                if numba_available():
+                    return "cpu"
+            return "foreach"
         return "eager"
 
     def state_dict(self):

@@ -44,8 +44,10 @@ def warmup_scale(current_step: int, warmup_epoch: int) -> float:
 class SPAM(CommonOptimizerMixin, torch.optim.Optimizer):
     """SPAM with the official keyword names and defaults (see the module docstring).
 
-    ``compat``, ``state_bits`` (32/16/8/4), ``maximize`` and ``on_nonfinite`` ("skip"/"raise")
-    are stablecore additions; ``lr`` may be a 0-d tensor.
+    ``compat``, ``state_bits`` (32/16/8/4), ``maximize``, ``on_nonfinite`` ("skip"/"raise")
+    and ``backend`` are stablecore additions; ``lr`` may be a 0-d tensor. ``backend``: "auto"
+    (the ``torch._foreach`` path for CPU params, the per-tensor eager path elsewhere), "eager"
+    or "foreach".
     """
 
     def __init__(
@@ -66,7 +68,10 @@ class SPAM(CommonOptimizerMixin, torch.optim.Optimizer):
         maximize: bool = False,
         on_nonfinite: str = "skip",
         stochastic_rounding: bool = False,
+        backend: str = "auto",
     ) -> None:
+        if backend not in ("auto", "eager", "foreach"):
+            raise ValueError(f"SPAM backend must be auto/eager/foreach, got {backend!r}")
         if compat not in ("clean", "reference"):
             raise ValueError(f"compat must be 'clean' or 'reference', got {compat!r}")
         if state_bits not in _lowbit.STATE_BITS:
@@ -89,7 +94,7 @@ class SPAM(CommonOptimizerMixin, torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
-        self._setup_common(compat, state_bits, on_nonfinite, "eager")
+        self._setup_common(compat, state_bits, on_nonfinite, backend)
         self.warmup_epoch, self.grad_accu_steps = warmup_epoch, grad_accu_steps
         self.update_proj_gap, self.density = update_proj_gap, density
         self.current_step = warmup_epoch + 1  # no warmup before the first reset
@@ -178,7 +183,10 @@ class SPAM(CommonOptimizerMixin, torch.optim.Optimizer):
         buckets: dict[torch.device, list[torch.Tensor]] = {}
         for p in ps:
             buckets.setdefault(p.device, []).append(p)
-        for bucket in buckets.values():
+        for device, bucket in buckets.items():
+            if dist_mesh is None and self._spam_backend(device, group) == "foreach":
+                self._foreach_bucket_step(bucket, group, reset, clip, scale)
+                continue
             gs = []
             for p in bucket:
                 state = self.state[p]
@@ -198,6 +206,42 @@ class SPAM(CommonOptimizerMixin, torch.optim.Optimizer):
                 self._clean_param_step(
                     _distributed.local(p), state, gs[i], keep[i], group, reset, clip, scale
                 )
+
+    def _spam_backend(self, device: torch.device, group: dict) -> str:
+        if group["stochastic_rounding"]:  # only the eager path rounds stochastically
+            return "eager"
+        if self.backend == "auto":
+            return "foreach" if device.type == "cpu" else "eager"
+        return self.backend
+
+    def _foreach_bucket_step(self, bucket, group, reset: bool, clip: bool, scale: float) -> None:
+        from stablecore.optim._foreach import foreach_spam_step
+
+        bucket = [p for p in bucket if p.numel() > 0]  # an empty tensor has nothing to update
+        if not bucket:
+            return
+        states = []
+        for p in bucket:
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                _distributed.init_moment(state, "exp_avg", p, self.state_bits)
+                _distributed.init_moment(state, "exp_avg_sq", p, self.state_bits)
+            states.append(state)
+        hp = dict(
+            lr=self._lr_tensor(group["lr"], bucket[0].device),
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            threshold=group["threshold"],
+            maximize=group["maximize"],
+            reset=reset,
+            clip=clip,
+            scale=scale,
+            bits=self.state_bits,
+        )
+        keep = foreach_spam_step(bucket, [p.grad for p in bucket], states, hp)
+        self._count_nonfinite(keep)
 
     def _clean_param_step(self, p, state, g, keep, group, reset, clip, scale) -> None:
         """One (local) tensor: ``g`` fp32 (sign applied), ``keep`` 0-d bool."""

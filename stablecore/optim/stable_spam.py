@@ -75,13 +75,16 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
         params: iterable of tensors or param-group dicts; every keyword below except
             ``compat``, ``state_bits``, ``on_nonfinite`` and ``backend`` may be set per group.
         lr: float or 0-d tensor (a tensor is read on device: no host sync, schedulers work).
-        state_bits: 32, 16 (bf16), 8 (block 256) or 4 (block 128); tensors under 4096
-            elements keep fp32 moments.
+        state_bits: 32, 16 (bf16), 8 (block 256) or 4 (block 128). Low-bit moments only for
+            tensors with >= 4096 elements, >= 2 dims and rows of whole blocks (row length
+            ``numel / shape[0]`` a multiple of the block); the rest keep fp32 moments, the same
+            tensors at every FSDP2 world size (``stablecore.optim._lowbit.is_quantized``).
         scalar_clock: "global" (clean) or "reset" (restart scalar bias corrections at MoRet).
         on_nonfinite: "skip" (default: a tensor with NaN/Inf gradient keeps its param and state
             that step and is counted in ``nonfinite_steps``) or "raise" (one host sync a step).
-        backend: "auto" (Triton on CUDA; numba on CPU when installed and a bucket holds at
-            least 2**20 elements; else eager), "eager", "triton" or "cpu".
+        backend: "auto" (Triton on CUDA; on CPU the numba kernels for a bucket of at least
+            2**20 elements when numba is installed, else the ``torch._foreach`` path; eager
+            elsewhere), "eager" (per-tensor reference), "foreach", "triton" or "cpu" (numba).
         stochastic_rounding: round bf16 params stochastically (clean mode).
     """
 
@@ -225,6 +228,10 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
             _backends.log_fallback_once(
                 "StableSPAM", "fused kernels need contiguous fp32/bf16 params and grads"
             )
+        if backend == "foreach" and not hp.stochastic_rounding:
+            from stablecore.optim._foreach import foreach_stable_spam_step
+
+            return foreach_stable_spam_step(ps, gs, states, hp)
         if backend == "cpu":
             from stablecore.optim._cpu_offload import cpu_stable_spam_step
 

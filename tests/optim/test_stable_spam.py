@@ -401,15 +401,15 @@ def _run(opt, params, grads):
 )
 def test_state_dict_round_trip_and_resume(bits, compat):
     seed_all(7)
-    shapes = [(64, 80), (7,)]  # one quantized tensor, one small fp32-state tensor
+    shapes = [(20, 256), (7,)]  # one quantized tensor, one small fp32-state tensor
     w = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(8)]
+    # clean mode on the default CPU backend ("auto": the foreach path)
     kw = dict(lr=0.01, state_bits=bits, update_proj_gap=5, compat=compat)
-    if compat == "clean":
-        kw["backend"] = "eager"
     a = [torch.nn.Parameter(x.clone()) for x in w]
     oa = StableSPAM(a, **kw)
     _run(oa, a, grads[:4])
+    assert ("exp_avg_codes" in oa.state[a[0]]) == (bits in (8, 4))
     buf = io.BytesIO()
     torch.save({"p": [x.detach() for x in a], "o": oa.state_dict()}, buf)
     buf.seek(0)
@@ -432,9 +432,9 @@ def test_state_dict_round_trip_and_resume(bits, compat):
 
 
 def test_bf16_params_keep_fp32_state_through_load():
-    p = torch.nn.Parameter(torch.randn(70, 70).bfloat16())
+    p = torch.nn.Parameter(torch.randn(16, 256).bfloat16())
     opt = StableSPAM([p], state_bits=8, backend="eager")
-    p.grad = torch.randn(70, 70).bfloat16()
+    p.grad = torch.randn(16, 256).bfloat16()
     opt.step()
     sd = opt.state_dict()
     opt2 = StableSPAM([p], state_bits=8, backend="eager")
@@ -446,15 +446,15 @@ def test_bf16_params_keep_fp32_state_through_load():
 @pytest.mark.parametrize("bits", [32, 4])
 def test_nonfinite_gradients_are_skipped(bits):
     seed_all(8)
-    p, q = torch.nn.Parameter(torch.randn(80, 60)), torch.nn.Parameter(torch.randn(9))
+    p, q = torch.nn.Parameter(torch.randn(20, 256)), torch.nn.Parameter(torch.randn(9))
     opt = StableSPAM([p, q], state_bits=bits, backend="eager")
-    p.grad, q.grad = torch.randn(80, 60), torch.randn(9)
+    p.grad, q.grad = torch.randn(20, 256), torch.randn(9)
     opt.step()
     saved_p = p.detach().clone()
     saved_state = {k: v.clone() for k, v in opt.state[p].items()}
     saved_q = q.detach().clone()
     for bad in (float("nan"), float("inf")):
-        g = torch.randn(80, 60)
+        g = torch.randn(20, 256)
         g[3, 4] = bad
         p.grad, q.grad = g, torch.randn(9)
         opt.step()
@@ -465,8 +465,8 @@ def test_nonfinite_gradients_are_skipped(bits):
         saved_q = q.detach().clone()
     assert opt.nonfinite_steps == 2
     raising = StableSPAM([p], on_nonfinite="raise", backend="eager")
-    p.grad = torch.full((80, 60), float("nan"))
-    with pytest.raises(FloatingPointError, match="80, 60"):
+    p.grad = torch.full((20, 256), float("nan"))
+    with pytest.raises(FloatingPointError, match="20, 256"):
         raising.step()
 
 
@@ -489,22 +489,27 @@ def test_grad_scaler_skips_overflowing_steps():
     assert not torch.equal(lin.weight, w0)
 
 
+# Stated bounds of the low-bit trajectories (relative parameter distance to the 32-bit run after
+# 100 steps, measured 0.015 / 0.016 / 0.017 here): 16-bit 4%, 8-bit 5%, 4-bit 10%.
 @pytest.mark.parametrize("bits,bound", [(16, 0.04), (8, 0.05), (4, 0.1)])
 def test_lowbit_trajectories_track_32bit(bits, bound):
-    """Least squares, 60 steps: the low-bit run's parameters stay within ``bound`` (relative
-    distance from the 32-bit run) and its loss within 2% of the 32-bit loss."""
+    """Least squares, 100 steps with two MoRet resets: the low-bit run's parameters stay within
+    ``bound`` (distance to the 32-bit run over the 32-bit run's distance travelled) and its loss
+    within 2% of the 32-bit loss. The weight's rows (256) are a multiple of both quantization
+    blocks, so its states really are quantized at 8 and 4 bits."""
     seed_all(10)
-    A, y = torch.randn(256, 96), torch.randn(256, 48)
-    w0 = torch.randn(96, 48) * 0.1
+    A, y = torch.randn(256, 96), torch.randn(256, 256)
+    w0 = torch.randn(96, 256) * 0.1
     runs = {}
     for b in (32, bits):
         w = torch.nn.Parameter(w0.clone())
-        opt = StableSPAM([w], lr=0.01, state_bits=b, update_proj_gap=25, backend="eager")
-        for _ in range(60):
+        opt = StableSPAM([w], lr=0.01, state_bits=b, update_proj_gap=40, backend="eager")
+        for _ in range(100):
             opt.zero_grad()
             loss = (A @ w - y).pow(2).mean()
             loss.backward()
             opt.step()
+        assert ("exp_avg_codes" in opt.state[w]) == (b in (8, 4))
         wd = w.detach().clone()
         runs[b] = (wd, float((A @ wd - y).pow(2).mean()))
     rel = float((runs[bits][0] - runs[32][0]).norm() / (runs[32][0] - w0).norm())
