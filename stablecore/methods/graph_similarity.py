@@ -8,7 +8,8 @@ Two access patterns appear in robust-GNN preprocessing:
   of edges moves 32x fewer bytes than a float gather.
 * **top-k most similar nodes** for every node: a dense ``N x N`` similarity matrix is
   ``O(N^2)`` memory (40 GB at 100k nodes), so the GEMM is blocked over rows *and* columns and a
-  running top-k is merged block by block; memory is ``O(row_block * col_block)``.
+  running top-k is merged block by block; memory is ``O(row_block * col_block)``. The matrix is
+  symmetric, so each off-diagonal tile is computed once for both of its row and column blocks.
 
 Pure PyTorch (any device); this module must not import torch_geometric.
 
@@ -25,7 +26,10 @@ Example::
 
 from __future__ import annotations
 
+import math
+
 import torch
+from tqdm.auto import tqdm
 
 __all__ = [
     "check_edge_index",
@@ -148,6 +152,18 @@ def edge_jaccard_similarity(x: torch.Tensor, edge_index: torch.Tensor) -> torch.
     return torch.where(union > 0, inter.float() / union.clamp_min(1).float(), 0.0)
 
 
+def _merge_topk(
+    run_v: torch.Tensor, run_i: torch.Tensor, tile: torch.Tensor, offset: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the row-wise top-k of ``tile`` (column ``j`` = candidate ``offset + j``) into
+    the running ``(run_v, run_i) [R, k]``."""
+    # Reduce the tile to its own top-k first, then merge 2k candidates: avoids copying the
+    # whole tile into a concatenated buffer.
+    tile_v, tile_p = tile.topk(min(k, tile.shape[1]), dim=1)
+    vals, pos = torch.cat([run_v, tile_v], dim=1).topk(k, dim=1)
+    return vals, torch.cat([run_i, tile_p + offset], dim=1).gather(1, pos)
+
+
 def topk_cosine_neighbors(
     x: torch.Tensor,
     k: int,
@@ -157,19 +173,25 @@ def topk_cosine_neighbors(
     row_block: int = 1024,
     col_block: int = 8192,
     eps: float = 1e-12,
+    progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` most cosine-similar nodes of every node, without an ``N x N`` matrix.
 
-    Rows and columns are processed in ``row_block x col_block`` tiles (one GEMM each); the
-    best ``k`` per row are kept and merged with each new tile, so peak memory is
-    ``O(row_block * (col_block + k))`` instead of ``O(N^2)``.
+    The similarity matrix is computed in tiles (one GEMM each) and a running top-k per row is
+    merged tile by tile, so peak memory is ``O(tile + N k)`` instead of ``O(N^2)``. The GEMM is
+    the cost (``2 N |C| d`` FLOPs, ``C`` = candidates), and the candidate-candidate block is
+    symmetric: each off-diagonal tile ``S[R, C']`` is computed once and serves the rows of
+    ``R`` (top-k along its rows) *and* of ``C'`` (along its columns), which halves the
+    GEMM work when most nodes are candidates. Non-candidate rows get plain row tiles.
 
     Args:
         x: ``[N, D]`` float node embeddings.
         k: neighbours per node (``0 <= k``; fewer valid candidates leave ``-1`` slots).
         candidate_mask: optional ``bool [N]``; only ``True`` nodes may be chosen as neighbours.
         exclude_self: never pick ``i`` as a neighbour of ``i``.
-        row_block, col_block: tile sizes (trade memory for fewer kernel launches).
+        row_block, col_block: tile sizes (trade memory for fewer kernel launches); the
+            symmetric part uses square tiles of ``sqrt(row_block * col_block)``.
+        progress: tqdm bar over row blocks.
 
     Returns:
         ``(values [N, k], indices [N, k])`` sorted by decreasing similarity, values in
@@ -194,30 +216,55 @@ def topk_cosine_neighbors(
     if x.is_sparse or x.layout != torch.strided:
         x = x.to_dense()
     acc = _acc_dtype(x)
-    z = x.to(acc)
-    z = z / z.norm(dim=1, keepdim=True).clamp_min(eps)
-    excluded = None if candidate_mask is None else ~candidate_mask.to(x.device)
-    best_v = torch.full((n, k), float("-inf"), dtype=acc, device=x.device)
-    best_i = torch.full((n, k), -1, dtype=torch.long, device=x.device)
+    dev = x.device
+    best_v = torch.full((n, k), float("-inf"), dtype=acc, device=dev)
+    best_i = torch.full((n, k), -1, dtype=torch.long, device=dev)
     if k == 0 or n == 0:
         return best_v, best_i
-    for r0 in range(0, n, row_block):
-        r1 = min(n, r0 + row_block)
-        rows = torch.arange(r0, r1, device=x.device)
-        run_v, run_i = best_v[r0:r1], best_i[r0:r1]
-        for c0 in range(0, n, col_block):
-            c1 = min(n, c0 + col_block)
-            sim = z[r0:r1] @ z[c0:c1].T
-            if excluded is not None:  # sim is a fresh GEMM output: mask it in place
-                sim.masked_fill_(excluded[c0:c1].unsqueeze(0), float("-inf"))
-            if exclude_self and r0 < c1 and c0 < r1:
-                cols = torch.arange(c0, c1, device=x.device)
-                sim.masked_fill_(rows.unsqueeze(1) == cols.unsqueeze(0), float("-inf"))
-            # Reduce the tile to its own top-k first, then merge 2k candidates: avoids copying
-            # the whole [rows, col_block] tile into a concatenated buffer.
-            tile_v, tile_p = sim.topk(min(k, c1 - c0), dim=1)
-            run_v, pos = torch.cat([run_v, tile_v], dim=1).topk(k, dim=1)
-            run_i = torch.cat([run_i, tile_p + c0], dim=1).gather(1, pos)
-        best_v[r0:r1] = run_v
-        best_i[r0:r1] = torch.where(torch.isinf(run_v), -1, run_i)
+    z = x.to(acc)
+    z = z / z.norm(dim=1, keepdim=True).clamp_min(eps)
+    if candidate_mask is None:
+        cand = torch.arange(n, device=dev)
+        rest = cand[:0]
+    else:
+        mask = candidate_mask.to(dev)
+        cand, rest = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+    zc, m = z[cand], cand.numel()
+    cv = torch.full((m, k), float("-inf"), dtype=acc, device=dev)
+    ci = torch.full((m, k), -1, dtype=torch.long, device=dev)
+    block = max(1, math.isqrt(row_block * col_block))
+    starts = range(0, m, block)
+    steps = len(starts) + math.ceil(rest.numel() / row_block)
+    bar = _progress(steps, progress)
+    for r0 in starts:  # candidate rows x candidate columns, upper triangle of tiles
+        r1 = min(m, r0 + block)
+        for c0 in range(r0, m, block):
+            c1 = min(m, c0 + block)
+            sim = zc[r0:r1] @ zc[c0:c1].T
+            if c0 == r0 and exclude_self:
+                sim.fill_diagonal_(float("-inf"))
+            cv[r0:r1], ci[r0:r1] = _merge_topk(cv[r0:r1], ci[r0:r1], sim, c0, k)
+            if c0 != r0:
+                # The transpose copy + row top-k is ~1.3x faster than a top-k along dim 0.
+                simt = sim.T.contiguous()
+                cv[c0:c1], ci[c0:c1] = _merge_topk(cv[c0:c1], ci[c0:c1], simt, r0, k)
+        bar.update(1)
+    for r0 in range(0, rest.numel(), row_block):  # non-candidate rows x candidate columns
+        rows = rest[r0 : r0 + row_block]
+        run_v = best_v.new_full((rows.numel(), k), float("-inf"))
+        run_i = best_i.new_full((rows.numel(), k), -1)
+        for c0 in range(0, m, col_block):
+            sim = z[rows] @ zc[c0 : c0 + col_block].T
+            run_v, run_i = _merge_topk(run_v, run_i, sim, c0, k)
+        best_v[rows] = run_v
+        best_i[rows] = torch.where(run_i >= 0, cand[run_i.clamp_min(0)], -1)
+        bar.update(1)
+    bar.close()
+    best_v[cand] = cv
+    best_i[cand] = torch.where(ci >= 0, cand[ci.clamp_min(0)], -1)
+    best_i = torch.where(torch.isinf(best_v), -1, best_i)
     return best_v, best_i
+
+
+def _progress(total: int, enabled: bool):
+    return tqdm(total=total, disable=not enabled, desc="top-k similarity")

@@ -1,0 +1,1 @@
+"""Implementation of :mod:`stablecore.methods.counterfactual` (T-Rex), split by concern."""
