@@ -8,9 +8,9 @@
   (:func:`stablecore.optim._multi_tensor.finalize_clip` / ``finalize_norm``), no host sync.
 * Pass C (:mod:`stablecore.kernels.stable_spam_update`, quantized-state pieces in
   :mod:`stablecore.kernels.stable_spam_lowbit`): clip + AdaGN scale + Adam + state
-  (de)quantization (8-bit block 256 / 4-bit block 128, new block absmax in registers, binary
-  search over the decision thresholds, nibble packing) + weight decay + optional bf16
-  stochastic rounding of the param.
+  (de)quantization (8-bit block 256 / 4-bit block 128, row-padded blocks, new block absmax in
+  registers, binary search over the decision thresholds, nibble packing) + weight decay +
+  optional bf16 stochastic rounding of the param.
 
 Tensors are addressed through int64 pointer tables, so one launch covers every tensor of the
 bucket. Divisions and square roots are IEEE-rounded (``div_rn``/``sqrt_rn``) so that the
@@ -175,6 +175,18 @@ def fused_stable_spam_step(ps, gs, states, hp: mt.StepHyper) -> torch.Tensor:
     S_new = torch.where(finite[:, None], S_new, S)
     bits = hp.state_bits
     quant = [("exp_avg_codes" in st) for st in states]
+    # pass C walks quantized tensors in the row-padded index space [R, Lp] of _lowbit (blocks
+    # start at row starts), the others element by element (L = Lp = numel)
+    rows_l, prows_l, numels_c = [], [], []
+    for p, q in zip(ps, quant, strict=True):
+        if q:
+            r, row, prow = _lowbit.row_layout(p.shape, bits)
+        else:
+            r, row, prow = 1, max(p.numel(), 1), max(p.numel(), 1)
+        rows_l.append(row)
+        prows_l.append(prow)
+        numels_c.append(r * prow if q else p.numel())
+    tensor_idx_c, start_c, _, n_c = _tables(tuple(numels_c), device)
 
     def moment(st, name):
         return st[name + "_codes"] if name + "_codes" in st else st[name]
@@ -193,14 +205,16 @@ def fused_stable_spam_step(ps, gs, states, hp: mt.StepHyper) -> torch.Tensor:
     qm, qv = _lowbit.qmap("m", q_bits, device), _lowbit.qmap("v", q_bits, device)
     tm, tv = _lowbit.thresholds("m", q_bits, device), _lowbit.thresholds("v", q_bits, device)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if hp.stochastic_rounding else 0
-    _pass_c[grid](
+    _pass_c[(tensor_idx_c.numel(),)](
         mt.pointer_table(ps, device),
         g_ptrs,
         *tables,
         mt.int_table(quant, device),
-        tensor_idx,
-        start,
-        n_t,
+        tensor_idx_c,
+        start_c,
+        n_c,
+        mt.int_table(rows_l, device, torch.int64),
+        mt.int_table(prows_l, device, torch.int64),
         finite.to(torch.int8),
         M,
         T,

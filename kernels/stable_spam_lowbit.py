@@ -10,6 +10,12 @@
   requantize and store one ``CHUNK`` of a tensor.
 * :func:`_store_param`: fp32 -> param dtype, optionally with bf16 stochastic rounding.
 
+Row-padded layout (:mod:`stablecore.optim._lowbit`): the quantized steps walk the *padded*
+index ``q`` of a tensor viewed as ``[R, Lp]`` (``n = R * Lp``; ``Lp`` and ``CHUNK`` are
+multiples of the block, so blocks never straddle chunks). Padded index
+``q`` (row ``r = q // Lp``, column ``c = q % Lp``) is code ``q`` (4 bits: byte ``q // 2``),
+block ``q // QB`` and, when ``c < L``, element ``r * L + c``; padding lanes quantize 0.
+
 Called from :func:`stablecore.kernels.stable_spam_update._pass_c`.
 """
 
@@ -81,6 +87,8 @@ def _step4(
     vab,
     start,
     n,
+    row,
+    prow,
     mx,
     thr,
     f,
@@ -108,12 +116,15 @@ def _step4(
     HALF: tl.constexpr = CHUNK // 2
     NB: tl.constexpr = CHUNK // QB
     j = tl.arange(0, HALF)
-    e = start + 2 * j  # element 2j sits in the high nibble of byte j
-    o = e + 1
-    me = e < n
-    mo = o < n
-    padded = ((n + QB - 1) // QB) * QB
-    live = e < padded
+    e = start + 2 * j  # padded index 2j sits in the high nibble of byte j
+    live = e < n  # n = R * Lp: whole blocks
+    r = e // prow
+    col = e - r * prow
+    ee = r * row + col  # element of padded index e (Lp is even: e and e + 1 share a row)
+    eo = ee + 1
+    me = live & (col < row)
+    mo = live & (col + 1 < row)
+    padded = n
     if RESET:
         m_e = tl.zeros([HALF], tl.float32)
         m_o = m_e
@@ -128,10 +139,10 @@ def _step4(
         m_o = tl.load(qm + (mb & 15)) * ma
         v_e = tl.load(qv + (vb >> 4)) * va
         v_o = tl.load(qv + (vb & 15)) * va
-    g_e = tl.load(gp + e, mask=me, other=0.0).to(tl.float32)
-    g_o = tl.load(gp + o, mask=mo, other=0.0).to(tl.float32)
-    p_e = tl.load(pp + e, mask=me, other=0.0).to(tl.float32)
-    p_o = tl.load(pp + o, mask=mo, other=0.0).to(tl.float32)
+    g_e = tl.load(gp + ee, mask=me, other=0.0).to(tl.float32)
+    g_o = tl.load(gp + eo, mask=mo, other=0.0).to(tl.float32)
+    p_e = tl.load(pp + ee, mask=me, other=0.0).to(tl.float32)
+    p_o = tl.load(pp + eo, mask=mo, other=0.0).to(tl.float32)
     m1e, v1e, p1e = _adam(
         g_e,
         m_e,
@@ -168,7 +179,7 @@ def _step4(
         rbc2,
         MAXIMIZE,
     )
-    # padding of the last block quantizes as zero, exactly like the reference's zero padding
+    # padding of a row's last block quantizes as zero, exactly like the reference's zero padding
     m1e = tl.where(me, m1e, 0.0)
     m1o = tl.where(mo, m1o, 0.0)
     v1e = tl.where(me, v1e, 0.0)
@@ -185,8 +196,8 @@ def _step4(
     bmask = bo * QB < padded
     tl.store(mab + bo, am, mask=bmask)
     tl.store(vab + bo, av, mask=bmask)
-    _store_param(pp, e, me, p1e, seed, P_DTYPE, SR)
-    _store_param(pp, o, mo, p1o, seed, P_DTYPE, SR)
+    _store_param(pp, ee, me, p1e, seed, P_DTYPE, SR)
+    _store_param(pp, eo, mo, p1o, seed, P_DTYPE, SR)
 
 
 @triton.jit
@@ -199,6 +210,8 @@ def _step8(
     vab,
     start,
     n,
+    row,
+    prow,
     mx,
     thr,
     f,
@@ -224,10 +237,13 @@ def _step8(
 ):
     QB: tl.constexpr = 256
     NB: tl.constexpr = CHUNK // QB
-    offs = start + tl.arange(0, CHUNK)
-    mask = offs < n
-    padded = ((n + QB - 1) // QB) * QB
-    live = offs < padded
+    offs = start + tl.arange(0, CHUNK)  # padded indices
+    live = offs < n  # n = R * Lp: whole blocks
+    r = offs // prow
+    col = offs - r * prow
+    el = r * row + col
+    mask = live & (col < row)
+    padded = n
     if RESET:
         m = tl.zeros([CHUNK], tl.float32)
         v = m
@@ -236,8 +252,8 @@ def _step8(
         vcode = tl.load(vc + offs, mask=live, other=0).to(tl.int32)
         m = tl.load(qm + mcode) * tl.load(mab + offs // QB, mask=live, other=0.0)
         v = tl.load(qv + vcode) * tl.load(vab + offs // QB, mask=live, other=0.0)
-    g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
-    p = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gp + el, mask=mask, other=0.0).to(tl.float32)
+    p = tl.load(pp + el, mask=mask, other=0.0).to(tl.float32)
     m1, v1, p1 = _adam(
         g, m, v, p, mx, thr, f, beta1, omb1, beta2, omb2, eps, decay, step_size, rbc2, MAXIMIZE
     )
@@ -253,4 +269,4 @@ def _step8(
     bmask = bo * QB < padded
     tl.store(mab + bo, am, mask=bmask)
     tl.store(vab + bo, av, mask=bmask)
-    _store_param(pp, offs, mask, p1, seed, P_DTYPE, SR)
+    _store_param(pp, el, mask, p1, seed, P_DTYPE, SR)

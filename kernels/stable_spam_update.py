@@ -4,7 +4,9 @@
 size, bias correction) computed on the device by the finalize step, skips non-finite tensors,
 and runs the element-wise update for the bucket's state precision: :func:`_step_plain` (fp32 or
 bf16 moments, and tensors that keep fp32 states) or the quantized :func:`_step4` / :func:`_step8`
-of :mod:`stablecore.kernels.stable_spam_lowbit`. Launched by
+of :mod:`stablecore.kernels.stable_spam_lowbit`. Chunks run over the *padded* numel of a
+quantized tensor (``R * Lp``, the row-padded layout; ``rows``/``prows`` hold ``L``/``Lp``) and
+over the numel of the others. Launched by
 :func:`stablecore.kernels.stable_spam.fused_stable_spam_step`.
 """
 
@@ -73,6 +75,8 @@ def _pass_c(
     chunk_tensor,
     chunk_start,
     numels,
+    rows,
+    prows,
     finite,
     M,
     T,
@@ -172,6 +176,8 @@ def _pass_c(
             vc = tl.load(v_ptrs + i).to(tl.pointer_type(tl.uint8))
             mab = tl.load(ma_ptrs + i).to(tl.pointer_type(tl.float32))
             vab = tl.load(va_ptrs + i).to(tl.pointer_type(tl.float32))
+            row = tl.load(rows + i)
+            prow = tl.load(prows + i)
             if BITS == 4:
                 _step4(
                     pp,
@@ -182,6 +188,8 @@ def _pass_c(
                     vab,
                     start,
                     n,
+                    row,
+                    prow,
                     mx,
                     thr,
                     f,
@@ -215,6 +223,8 @@ def _pass_c(
                     vab,
                     start,
                     n,
+                    row,
+                    prow,
                     mx,
                     thr,
                     f,

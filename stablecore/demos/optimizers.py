@@ -10,7 +10,7 @@ and use the same learning rate, schedule (linear warmup, cosine to 10%) and step
 The demo reports the final training and validation losses, a PNG of the loss curves, and the
 optimizer-state bytes per parameter of Stable-SPAM at 32, 8 and 4 bits (measured on this model
 after one step; tensors that are not quantized (:func:`stablecore.optim._lowbit.is_quantized`:
-small, 1-D, or rows not a multiple of the block) keep fp32 states).
+small or 1-D) keep fp32 states).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ FULL = dict(
     val_batches=8,
 )
 # quick: rows of 256 so that the weights get quantized states at 8 and 4 bits
-# (stablecore.optim._lowbit.is_quantized: row length a multiple of the block)
+# (stablecore.optim._lowbit.is_quantized: >= 4096 elements and >= 2 dims)
 QUICK = dict(
     hidden=256,
     intermediate=256,
@@ -314,8 +314,8 @@ def _run(ctx: DemoContext, cfg: dict, device: torch.device) -> DemoResult:
         "and INT4 activations (15 levels, 2 exact outliers per group) in every attention and MLP "
         f"linear; same init, batches, lr {cfg['lr']} (warmup + cosine) for all. {verdict}. "
         "State bytes per parameter count every tensor the optimizer keeps after one step "
-        f"(Stable-SPAM at state_bits 32/8/4); tensors that are not quantized (small, 1-D or "
-        "rows not a multiple of the block) keep fp32 states "
+        f"(Stable-SPAM at state_bits 32/8/4); tensors that are not quantized (small or 1-D) "
+        "keep fp32 states "
         f"({small / n_params:.1%} of this model's parameters)."
     )
     return DemoResult(TITLE, rows=rows, plots=[plot], notes=notes)

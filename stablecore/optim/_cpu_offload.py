@@ -129,6 +129,8 @@ if numba_available():
         tv,
         bits,
         block,
+        row,
+        prow,
         reset,
         M,
         T,
@@ -142,13 +144,21 @@ if numba_available():
         step_size,
         rbc2,
     ):
+        # row-padded blocks (see _lowbit): rows of `row` elements, each padded to `prow` (a
+        # multiple of `block`); block `blk` of row r covers elements [r*row + c0, r*row + c1)
+        # and codes [r*prow + c0, r*prow + c0 + block); `ofs` maps element -> code index
         n = g.shape[0]
-        nblocks = (n + block - 1) // block
+        nrows = n // row if row > 0 else 0
+        bpr = prow // block
+        nblocks = nrows * bpr
         nsteps = 4 if bits == 4 else 8
         quant = mc.shape[0] > 0
         for blk in prange(nblocks):
-            lo = blk * block
-            hi = min(lo + block, n)
+            r = blk // bpr
+            c0 = (blk % bpr) * block
+            lo = r * row + c0
+            hi = r * row + min(c0 + block, row)
+            ofs = r * (prow - row)
             mb = np.zeros(block, dtype=np.float32)
             vb = np.zeros(block, dtype=np.float32)
             amax_m = np.float32(0.0)
@@ -158,14 +168,15 @@ if numba_available():
                 v0 = np.float32(0.0)
                 if not reset:
                     if quant:
+                        q = j + ofs
                         if bits == 4:
-                            bm = np.int64(mc[j // 2])
-                            bv = np.int64(vc[j // 2])
-                            cm = (bm >> 4) if j % 2 == 0 else (bm & 15)
-                            cv = (bv >> 4) if j % 2 == 0 else (bv & 15)
+                            bm = np.int64(mc[q // 2])
+                            bv = np.int64(vc[q // 2])
+                            cm = (bm >> 4) if q % 2 == 0 else (bm & 15)
+                            cv = (bv >> 4) if q % 2 == 0 else (bv & 15)
                         else:
-                            cm = np.int64(mc[j])
-                            cv = np.int64(vc[j])
+                            cm = np.int64(mc[q])
+                            cv = np.int64(vc[q])
                         m0 = qm[cm] * ma[blk]
                         v0 = qv[cv] * va[blk]
                     else:
@@ -192,11 +203,11 @@ if numba_available():
                         lm = quantize(mb[jj + 1], amax_m, tm, nsteps)
                         hv = quantize(vb[jj], amax_v, tv, nsteps)
                         lv = quantize(vb[jj + 1], amax_v, tv, nsteps)
-                        mc[(lo + jj) // 2] = np.uint8((hm << 4) | lm)
-                        vc[(lo + jj) // 2] = np.uint8((hv << 4) | lv)
+                        mc[(lo + ofs + jj) // 2] = np.uint8((hm << 4) | lm)
+                        vc[(lo + ofs + jj) // 2] = np.uint8((hv << 4) | lv)
                     else:
-                        mc[lo + jj] = np.uint8(quantize(mb[jj], amax_m, tm, nsteps))
-                        vc[lo + jj] = np.uint8(quantize(vb[jj], amax_v, tv, nsteps))
+                        mc[lo + ofs + jj] = np.uint8(quantize(mb[jj], amax_m, tm, nsteps))
+                        vc[lo + ofs + jj] = np.uint8(quantize(vb[jj], amax_v, tv, nsteps))
 
 
 _EMPTY_F = np.zeros(0, dtype=np.float32)
@@ -274,6 +285,8 @@ def cpu_stable_spam_step(ps, gs, states, hp: mt.StepHyper) -> torch.Tensor:
             if m.dtype != torch.float32:
                 m, v = m.float(), v.float()
         block = _lowbit.BLOCK_SIZES[bits] if quant else mt.CHUNK
+        if quant:  # the row-padded layout of _lowbit (a 1-D local view never holds codes)
+            _, row, prow = _lowbit.row_layout(p.shape, bits)
         if not quant:
             pass_c_plain(
                 p32.numpy(),
@@ -305,6 +318,8 @@ def cpu_stable_spam_step(ps, gs, states, hp: mt.StepHyper) -> torch.Tensor:
                 tv,
                 bits,
                 block,
+                row,
+                prow,
                 hp.reset,
                 Mn[i],
                 Tn[i],

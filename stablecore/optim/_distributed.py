@@ -18,18 +18,20 @@ compute every per-tensor statistic over the whole logical tensor:
 
 Low-bit blocks on shards (the rule). Whether a parameter gets quantized moments is
 ``_lowbit.is_quantized(shape, bits)`` of its *logical* shape ``[R, *rest]``, for plain tensors
-and DTensors alike: ``numel >= 4096``, ``ndim >= 2`` and row length ``L = numel / R`` a multiple
-of the block ``B`` (256 at 8 bits, 128 at 4 bits). Blocks are aligned to the flattened tensor's
-*global* offsets (block ``j`` covers ``[jB, (j+1)B)``, the unsharded layout); every row holds a
-whole number of blocks and dim-0 sharding only ever cuts between rows, so no block straddles a
-shard boundary *for any world size* (uneven and empty shards included). Codes are stored as
-``[R, L / per_byte]`` uint8 and absmax as ``[R, L / B]`` fp32 DTensors sharded like the
-parameter. A block's absmax is then computed from exactly the elements of the unsharded run,
-with no collective, so quantization is bit-identical across world sizes given the same inputs,
-and the state layout (which tensors hold codes) is the same for every world size, DDP and a
-single process. 1-D tensors and odd row lengths keep fp32 moments *everywhere* (they could be
-cut inside a block), so there is no shape whose math depends on sharding (pytorch/ao#4912 was
-a 6144-element tensor that was 8-bit replicated but fp32 sharded in two).
+and DTensors alike: ``numel >= 4096`` and ``ndim >= 2``. Blocks are row-padded (see
+:mod:`stablecore.optim._lowbit`): each row of length ``L = numel / R`` is cut into blocks of
+``B`` (256 at 8 bits, 128 at 4 bits) from the row start, the last one partial when
+``L % B != 0``. No block crosses a row and dim-0 sharding only ever cuts between rows, so no
+block straddles a shard boundary *for any world size* (uneven and empty shards included).
+Codes are stored as ``[R, Lp / per_byte]`` uint8 (``Lp = ceil(L / B) * B``) and absmax as
+``[R, Lp / B]`` fp32 DTensors sharded like the parameter (with ``L % B == 0``: ``[R, L /
+per_byte]`` and ``[R, L / B]``, the earlier layout). A block's absmax is then computed from
+exactly the elements of the unsharded run, with no collective, so quantization is
+bit-identical across world sizes given the same inputs, and the state layout (which tensors
+hold codes) is the same for every world size, DDP and a single process. 1-D tensors keep fp32
+moments *everywhere* (they could be cut inside a block), so there is no shape whose math
+depends on sharding (pytorch/ao#4912 was a 6144-element tensor that was 8-bit replicated but
+fp32 sharded in two).
 
 The trajectories are not bit-identical: the all-reduced sums of squares (AdaGN norm) differ
 from the unsharded ones by reduction-order rounding (~1 ulp), which the quantizer can turn
@@ -41,13 +43,12 @@ quantizes and that is sharded along ``d > 0`` raises ``ValueError`` at its first
 ``Shard(0)`` for it, or ``state_bits`` 32/16) rather than silently running different math.
 Shapes that keep fp32 moments may use any Shard/Replicate placement.
 
-Memory cost of the row rule, LLaMA-1B of the Stable-SPAM/GaLore configs (hidden 2048,
-intermediate 5461, 24 layers, vocab 32000, 1.339 B params): embeddings ``[32000, 2048]`` and
-attention/gate/up projections are quantized; norms ``[2048]`` were fp32 anyway (< 4096); the 24
-down projections ``[2048, 5461]`` (row 5461, 268 M params) keep fp32 moments: m+v grow from
-1.42 GB to 3.29 GB at 4 bits, 2.72 GB to 4.32 GB at 8 bits. With intermediate 5504 (= 43 * 128,
-the LLaMA-1B-like list of ANCHORS.md) nothing changes at 4 bits; at 8 bits (5504 % 256 != 0)
-the down projections keep fp32 moments (m+v 1.91 GB -> 2.99 GB for 0.941 B params).
+Memory, LLaMA-1B of the Stable-SPAM/GaLore configs (hidden 2048, intermediate 5461, 24 layers,
+vocab 32000, 1.339 B params): every 2-D weight is quantized, the down projections
+``[2048, 5461]`` included (row 5461 padded to 5504 at 4 bits, 5632 at 8 bits); only the norms
+``[2048]`` keep fp32. Optimizer m+v: 1.426 GB (1.065 bytes/param) at 4 bits and 2.738 GB
+(2.044 bytes/param) at 8 bits, against 3.286 GB / 4.323 GB when rows had to be whole blocks
+(padding the down projections' rows costs them 0.8% more codes at 4 bits, 3.1% at 8 bits).
 
 Checkpoints: ``torch.distributed.checkpoint.state_dict.get_state_dict`` keeps only ``state``
 and ``param_groups``; :func:`get_optimizer_extra` / :func:`set_optimizer_extra` carry the
@@ -215,16 +216,17 @@ def init_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> None:
     if sharded_quantized(p, bits):
         ckey, akey = _lowbit.moment_keys(name)
         block = _lowbit.BLOCK_SIZES[bits]
-        row = p.numel() // p.shape[0]
+        _, _, padded_row = _lowbit.row_layout(p.shape, bits)  # row-padded: L -> ceil(L/B)*B
         per_byte = 2 if bits == 4 else 1
         rows = lp.shape[0]
         kind = "m" if name == "exp_avg" else "v"
         # the code of zero, as _lowbit.init_moment fills a plain tensor's codes
         fill = int(_lowbit.quantize_blockwise(torch.zeros(1), kind, bits)[0][0])
-        codes = torch.full((rows, row // per_byte), fill, dtype=torch.uint8, device=lp.device)
-        absmax = torch.zeros(rows, row // block, dtype=torch.float32, device=lp.device)
-        state[ckey] = _like(p, codes, (p.shape[0], row // per_byte))
-        state[akey] = _like(p, absmax, (p.shape[0], row // block))
+        cshape, ashape = padded_row // per_byte, padded_row // block
+        codes = torch.full((rows, cshape), fill, dtype=torch.uint8, device=lp.device)
+        absmax = torch.zeros(rows, ashape, dtype=torch.float32, device=lp.device)
+        state[ckey] = _like(p, codes, (p.shape[0], cshape))
+        state[akey] = _like(p, absmax, (p.shape[0], ashape))
     else:
         dtype = torch.bfloat16 if bits == 16 else torch.float32
         state[name] = _like(p, torch.zeros(lp.shape, dtype=dtype, device=lp.device), p.shape)

@@ -97,6 +97,18 @@ def _adam_update(p32, m, v, u, hp_b1, hp_b2, eps, rbc2, neg_step):
     torch._foreach_addcdiv_(p32, m, denom, neg_step)
 
 
+def _max_abs(gs: list[torch.Tensor]) -> torch.Tensor:
+    """``[n]`` fp32 ``max|g|`` per tensor (0 for an empty one)."""
+    live = [i for i, g in enumerate(gs) if g.numel() > 0]
+    if len(live) == len(gs):
+        return torch.stack(torch._foreach_norm(gs, _INF))
+    out = torch.zeros(len(gs), dtype=torch.float32, device=gs[0].device)
+    if live:
+        vals = torch.stack(torch._foreach_norm([gs[i] for i in live], _INF))
+        out[torch.tensor(live, device=out.device)] = vals.to(torch.float32)
+    return out
+
+
 def foreach_stable_spam_step(ps, gs, states, hp: mt.StepHyper) -> torch.Tensor:
     """Clean-mode Stable-SPAM step of one (device, dtype) bucket; returns ``finite: [n] bool``.
 
@@ -108,8 +120,9 @@ def foreach_stable_spam_step(ps, gs, states, hp: mt.StepHyper) -> torch.Tensor:
     g32 = [g if g.dtype == torch.float32 else g.to(torch.float32) for g in gs]
     if hp.maximize:
         g32 = torch._foreach_neg(g32)
-    # pass A: max|g| (NaN propagates, so a non-finite gradient shows as a non-finite M)
-    M = torch.stack(torch._foreach_norm(g32, _INF))
+    # pass A: max|g| (NaN propagates, so a non-finite gradient shows as a non-finite M); an
+    # empty shard (FSDP2) has no inf-norm in torch: its partial is 0, as in the reference
+    M = _max_abs(g32)
     if hp.reduce_max is not None:
         M = hp.reduce_max(M)
     finite = torch.isfinite(M)

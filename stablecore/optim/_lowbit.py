@@ -10,28 +10,36 @@ Schemes (``state_bits``):
   linear map *without zero* ``{1/16, ..., 1}``: the zero-point problem of the 4-bit paper (an
   entry of v rounded to 0 makes ``1/sqrt(v)`` explode) is why v must not have a zero code.
 * Which tensors are quantized (:func:`is_quantized`) depends on the *logical shape* only, never
-  on sharding or world size: ``numel >= 4096``, ``ndim >= 2`` and a row length
-  ``L = numel / shape[0]`` that is a multiple of the block (256 at 8 bits, 128 at 4 bits).
-  Everything else (small tensors, 1-D tensors, odd row lengths) keeps fp32 states whatever
-  ``state_bits`` says. Why the row condition: blocks run over the flattened tensor, and dim-0
-  sharding (FSDP2) cuts it between rows; with ``L % block == 0`` no block ever straddles a
-  shard, for any world size, so a sharded run quantizes exactly the blocks the unsharded one
-  does and no collective is needed (see :mod:`stablecore.optim._distributed`). A 1-D tensor
-  is a column of rows of length 1, so it can be cut anywhere: it stays fp32. A quantized
-  tensor never has a partial trailing block.
+  on sharding or world size: ``numel >= 4096`` and ``ndim >= 2``. Everything else (small
+  tensors, 1-D tensors) keeps fp32 states whatever ``state_bits`` says.
+* Row-padded blocks: a quantized tensor is viewed as ``[R, L]`` (``R = shape[0]``,
+  ``L = numel / R``) and every row is cut into blocks of ``B`` (256 at 8 bits, 128 at 4 bits)
+  starting at the row start; the last block of a row is partial when ``L % B != 0`` (its absmax
+  is over its real elements only). Codes are stored row-padded: ``R * Lp / per_byte`` uint8
+  with ``Lp = ceil(L / B) * B`` (the padding codes are whatever quantizing 0 gives and are
+  never read back), absmax ``R * ceil(L / B)`` fp32 (see :func:`row_layout`). When
+  ``L % B == 0`` this is exactly the flat blockwise layout of earlier versions (checkpoints stay
+  compatible). Why rows: dim-0 sharding (FSDP2) cuts a tensor between rows, and no block ever
+  crosses a row, so a sharded run quantizes exactly the blocks the unsharded one does, for any
+  world size, with no collective (see :mod:`stablecore.optim._distributed`). A 1-D tensor is a
+  column of rows of length 1, so it can be cut anywhere: it stays fp32.
+* Element ``e`` of a quantized tensor (row ``r = e // L``, column ``c = e % L``) has code
+  index ``r * Lp + c`` (4 bits: byte ``(r * Lp + c) // 2``, even indices in the high nibble)
+  and block index ``r * (Lp / B) + c // B``.
 
 The quantizer is *exactly* nearest-code: ``x / absmax`` is computed in fp32 (IEEE division) and the
 code is the index of the nearest map entry in exact arithmetic, ties to the lower index. It is
 implemented as "count the decision thresholds strictly below ``x / absmax``" where each threshold
 is the exact midpoint of two neighbouring codes rounded *down* to fp32; for an fp32 input this
 comparison equals the exact one (see :func:`thresholds`). Blocks whose absmax is 0 quantize
-every entry as if it were 0. A trailing partial block is zero-padded.
+every entry as if it were 0. A partial block is zero-padded (zeros never raise an absmax).
 
 Example::
 
     codes, absmax = quantize_blockwise(torch.randn(5000), "m", 4)  # [2504] uint8, [40] fp32
     x = dequantize_blockwise(codes, absmax, "m", 4, 5000)  # [5000] fp32
-    assert is_quantized((40, 128), 4) and not is_quantized((5000,), 4)
+    codes, absmax = quantize_blockwise(torch.randn(40, 300), "m", 4, row=300)  # [40*384/2], [120]
+    assert is_quantized((40, 300), 4) and not is_quantized((5000,), 4)
 """
 
 from __future__ import annotations
@@ -115,32 +123,46 @@ def thresholds(kind: str, bits: int, device: torch.device | str = "cpu") -> torc
 def is_quantized(shape: torch.Size | Sequence[int] | int, bits: int) -> bool:
     """Whether a tensor of logical shape ``shape`` gets quantized states at ``bits``.
 
-    True iff ``bits`` is 8 or 4, ``numel >= 4096``, ``ndim >= 2`` and the row length
-    ``numel / shape[0]`` is a multiple of ``BLOCK_SIZES[bits]``: the rule is a function of the
-    logical shape alone, so single-process, DDP and FSDP2 runs at any world size quantize the
-    same tensors with the same blocks (see the module docstring). An ``int`` is read as the
-    1-D shape ``(numel,)`` (the old signature) and is therefore never quantized.
+    True iff ``bits`` is 8 or 4, ``numel >= 4096`` and ``ndim >= 2``: the rule is a function of
+    the logical shape alone, so single-process, DDP and FSDP2 runs at any world size quantize the
+    same tensors with the same (row-padded) blocks (see the module docstring). An ``int`` is read
+    as the 1-D shape ``(numel,)`` (the old signature) and is therefore never quantized.
 
-    Example: ``is_quantized((32000, 2048), 4)`` is True; ``is_quantized((2048, 5461), 4)``
-    (row 5461) and ``is_quantized((8192,), 8)`` (1-D) are False.
+    Example: ``is_quantized((32000, 2048), 4)`` and ``is_quantized((2048, 5461), 4)`` are True;
+    ``is_quantized((8192,), 8)`` (1-D) and ``is_quantized((30, 100), 8)`` (3000 < 4096) are False.
     """
     if isinstance(shape, bool) or not isinstance(shape, (int, torch.Size, tuple, list)):
         raise TypeError(f"is_quantized: shape must be a torch.Size, tuple or int, got {shape!r}")
     dims = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
     if bits not in BLOCK_SIZES or len(dims) < 2:
         return False
-    numel = math.prod(dims)
-    if numel < MIN_QUANT_NUMEL:
-        return False
-    return (numel // dims[0]) % BLOCK_SIZES[bits] == 0
+    return math.prod(dims) >= MIN_QUANT_NUMEL
 
 
-def _normalize(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_layout(shape: torch.Size | Sequence[int], bits: int) -> tuple[int, int, int]:
+    """``(R, L, Lp)`` of the row-padded layout: rows ``R = shape[0]``, row length
+    ``L = prod(shape[1:])`` and padded row length ``Lp = ceil(L / B) * B`` (``B`` the block of
+    ``bits``). A 1-D (or 0-d) shape is one row (``R = 1``), the flat layout."""
+    dims = tuple(int(d) for d in shape)
+    block = BLOCK_SIZES[bits]
+    if len(dims) >= 2:
+        rows, row = dims[0], math.prod(dims[1:])
+    else:
+        rows, row = 1, math.prod(dims)
+    return rows, row, -(-row // block) * block
+
+
+def _normalize(x: torch.Tensor, block: int, row: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.numel()
-    nblocks = -(-n // block)
-    flat = torch.zeros(nblocks * block, dtype=torch.float32, device=x.device)
-    flat[:n] = x.reshape(-1).to(torch.float32)
-    blocks = flat.view(nblocks, block)
+    row = n if row is None or n == 0 else int(row)
+    if n % max(row, 1) != 0:
+        raise ValueError(f"row length {row} does not divide numel {n} (shape {tuple(x.shape)})")
+    rows = n // row if row > 0 else 0
+    padded_row = -(-row // block) * block
+    # zero-padding each row to whole blocks: zeros never raise a block's absmax
+    grid = torch.zeros(rows, padded_row, dtype=torch.float32, device=x.device)
+    grid[:, :row] = x.reshape(rows, row).to(torch.float32)
+    blocks = grid.view(-1, block)
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
     normed = torch.where(absmax[:, None] > 0, blocks / safe[:, None], torch.zeros_like(blocks))
@@ -165,13 +187,18 @@ def unpack4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], dim=1).reshape(-1).to(torch.int64)
 
 
-def quantize_blockwise(x: torch.Tensor, kind: str, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(
+    x: torch.Tensor, kind: str, bits: int, row: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (any shape, any float dtype) -> (codes uint8, absmax fp32 ``[nblocks]``).
 
-    codes: ``[nblocks * block]`` for 8 bits, ``[nblocks * block // 2]`` (packed) for 4 bits.
+    ``row``: the row length ``L`` of the row-padded layout (``x`` viewed as ``[numel / L, L]``,
+    every row padded to ``Lp = ceil(L / B) * B``); None: one row (flat blocks).
+    codes: ``[R * Lp]`` for 8 bits, ``[R * Lp // 2]`` (packed) for 4 bits; absmax
+    ``[R * Lp / B]``.
     """
     block = BLOCK_SIZES[bits]
-    normed, absmax = _normalize(x, block)
+    normed, absmax = _normalize(x, block, row)
     codes = codes_of(normed.reshape(-1), thresholds(kind, bits, x.device))
     if bits == 4:
         return pack4(codes), absmax
@@ -179,13 +206,23 @@ def quantize_blockwise(x: torch.Tensor, kind: str, bits: int) -> tuple[torch.Ten
 
 
 def dequantize_blockwise(
-    codes: torch.Tensor, absmax: torch.Tensor, kind: str, bits: int, numel: int
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    kind: str,
+    bits: int,
+    numel: int,
+    row: int | None = None,
 ) -> torch.Tensor:
-    """fp32 ``[numel]`` values of quantized state (``qmap[code] * absmax``)."""
+    """fp32 ``[numel]`` values of quantized state (``qmap[code] * absmax``); ``row`` as in
+    :func:`quantize_blockwise` (padding codes are dropped, never read)."""
     block = BLOCK_SIZES[bits]
-    idx = unpack4(codes) if bits == 4 else codes.to(torch.int64)
+    idx = unpack4(codes.reshape(-1)) if bits == 4 else codes.reshape(-1).to(torch.int64)
     q = qmap(kind, bits, codes.device)[idx].view(-1, block)
-    return (q * absmax[:, None]).reshape(-1)[:numel]
+    vals = (q * absmax.reshape(-1)[:, None]).reshape(-1)
+    if row is None or numel == 0:
+        return vals[:numel]
+    padded_row = -(-int(row) // block) * block
+    return vals.view(-1, padded_row)[:, :row].reshape(-1)[:numel]
 
 
 # ---- state entries in optimizer.state[p] -------------------------------------------------
@@ -195,22 +232,32 @@ def moment_keys(name: str) -> tuple[str, str]:
     return f"{name}_codes", f"{name}_absmax"
 
 
+def _kind(name: str) -> str:
+    return "m" if name == "exp_avg" else "v"
+
+
+def _row_of(shape: torch.Size | Sequence[int]) -> int | None:
+    return math.prod(shape[1:]) if len(shape) >= 2 else None
+
+
 def init_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> None:
-    """Create zero state ``name`` for param ``p`` at ``bits``: codes ``[numel / per_byte]``
-    uint8 and absmax ``[numel / block]`` fp32 if :func:`is_quantized` (``p.shape``), else a
-    dense fp32 (bf16 at 16 bits) tensor shaped like ``p``."""
+    """Create zero state ``name`` for param ``p`` at ``bits``: codes ``[R * Lp / per_byte]``
+    uint8 and absmax ``[R * Lp / B]`` fp32 (:func:`row_layout` of ``p.shape``) if
+    :func:`is_quantized` (``p.shape``), else a dense fp32 (bf16 at 16 bits) tensor shaped like
+    ``p``."""
     if is_quantized(p.shape, bits):
         block = BLOCK_SIZES[bits]
-        nblocks = p.numel() // block  # exact: the row length is a multiple of the block
-        kind = "m" if name == "exp_avg" else "v"
-        # zero input quantizes to the code of 0 (m) / the smallest code (v): either way 0 * 0
-        codes, absmax = quantize_blockwise(torch.zeros(1, device=p.device), kind, bits)
+        rows, _, padded_row = row_layout(p.shape, bits)
+        kind = _kind(name)
+        # zero input quantizes to the code of 0 (m) / the smallest code (v): either way 0 * 0;
+        # found on the host (no device sync, works for meta tensors)
+        codes, _ = quantize_blockwise(torch.zeros(1), kind, bits)
         ckey, akey = moment_keys(name)
         per_byte = 2 if bits == 4 else 1
         state[ckey] = torch.full(
-            (nblocks * block // per_byte,), int(codes[0]), dtype=torch.uint8, device=p.device
+            (rows * padded_row // per_byte,), int(codes[0]), dtype=torch.uint8, device=p.device
         )
-        state[akey] = torch.zeros(nblocks, dtype=torch.float32, device=p.device)
+        state[akey] = torch.zeros(rows * padded_row // block, dtype=torch.float32, device=p.device)
     else:
         dtype = torch.bfloat16 if bits == 16 else torch.float32
         state[name] = torch.zeros(p.shape, dtype=dtype, device=p.device)
@@ -221,14 +268,17 @@ def load_moment(state: dict, name: str, p: torch.Tensor, bits: int) -> torch.Ten
     if name in state:
         return state[name].to(torch.float32)
     ckey, akey = moment_keys(name)
-    kind = "m" if name == "exp_avg" else "v"
-    return dequantize_blockwise(state[ckey], state[akey], kind, bits, p.numel()).view(p.shape)
+    vals = dequantize_blockwise(
+        state[ckey], state[akey], _kind(name), bits, p.numel(), _row_of(p.shape)
+    )
+    return vals.view(p.shape)
 
 
 def store_moment(
     state: dict, name: str, value: torch.Tensor, keep: torch.Tensor | None = None
 ) -> None:
-    """Write fp32 ``value`` into state ``name`` (quantizing if needed).
+    """Write fp32 ``value`` (shaped like the param: its row length picks the row-padded layout)
+    into state ``name``, quantizing if needed.
 
     ``keep``: 0-d bool tensor; where False the old state stays untouched (no host sync).
     """
@@ -237,10 +287,17 @@ def store_moment(
         state[name].copy_(new if keep is None else torch.where(keep, new, state[name]))
         return
     ckey, akey = moment_keys(name)
-    kind = "m" if name == "exp_avg" else "v"
     # 4-bit packs a 128-block into 64 bytes, 8-bit a 256-block into 256 bytes
     bits = 4 if state[ckey].numel() == state[akey].numel() * 64 else 8
-    codes, absmax = quantize_blockwise(value, kind, bits)
+    codes, absmax = quantize_blockwise(value, _kind(name), bits, _row_of(value.shape))
+    if codes.numel() != state[ckey].numel() or absmax.numel() != state[akey].numel():
+        raise ValueError(
+            f"store_moment({name!r}): a value of shape {tuple(value.shape)} gives {codes.numel()}"
+            f" codes / {absmax.numel()} blocks at {bits} bits, the state holds "
+            f"{state[ckey].numel()} / {state[akey].numel()}; pass the value shaped like the param"
+        )
+    codes = codes.view(state[ckey].shape)
+    absmax = absmax.view(state[akey].shape)
     if keep is not None:
         codes = torch.where(keep, codes, state[ckey])
         absmax = torch.where(keep, absmax, state[akey])

@@ -76,9 +76,10 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
             ``compat``, ``state_bits``, ``on_nonfinite`` and ``backend`` may be set per group.
         lr: float or 0-d tensor (a tensor is read on device: no host sync, schedulers work).
         state_bits: 32, 16 (bf16), 8 (block 256) or 4 (block 128). Low-bit moments only for
-            tensors with >= 4096 elements, >= 2 dims and rows of whole blocks (row length
-            ``numel / shape[0]`` a multiple of the block); the rest keep fp32 moments, the same
-            tensors at every FSDP2 world size (``stablecore.optim._lowbit.is_quantized``).
+            tensors with >= 4096 elements and >= 2 dims, in row-padded blocks (each row
+            ``numel / shape[0]`` long is cut into blocks from its start, the last one partial);
+            1-D and small tensors keep fp32 moments, the same tensors at every FSDP2 world size
+            (``stablecore.optim._lowbit.is_quantized``).
         scalar_clock: "global" (clean) or "reset" (restart scalar bias corrections at MoRet).
         on_nonfinite: "skip" (default: a tensor with NaN/Inf gradient keeps its param and state
             that step and is counted in ``nonfinite_steps``) or "raise" (one host sync a step).
@@ -216,8 +217,10 @@ class StableSPAM(CommonOptimizerMixin, torch.optim.Optimizer):
         backend = self._resolve_backend(ps[0].device, sum(p.numel() for p in ps))
         # element-wise work on the local shards (identity for plain tensors)
         ps, gs, states = _distributed.local_views(ps, gs, [self.state[p] for p in ps])
-        if any(p.numel() == 0 for p in ps):  # an empty shard still joins the collectives
-            backend = "eager"
+        if any(p.numel() == 0 for p in ps) and backend != "eager":
+            # an empty shard still joins the collectives; the foreach path handles it and keeps
+            # the same float order as the other ranks' (low-bit codes would flip otherwise)
+            backend = "eager" if hp.stochastic_rounding else "foreach"
         if backend == "triton":
             from stablecore import _backends
             from stablecore.kernels.stable_spam import SUPPORTED_DTYPES, fused_stable_spam_step

@@ -32,11 +32,13 @@ pytestmark = pytest.mark.skipif(
 # must get the same state layout and (up to reduction-order rounding) the same trajectory
 # sharded and unsharded:
 # [7, 768]: quantized at 8 and 4 bits (row 768 = 3 * 256 = 6 * 128), uneven rows at 2 and 3;
-# [33, 128]: quantized at 4 bits only (row 128), 17/16 and 11/11/11 rows;
-# [9, 500]: odd row length, [4100]: 1-D >= 4096, both fp32 states at every world size;
-# [2, 3]: rank 2 holds an empty shard at world size 3.
+# [33, 128]: whole blocks at 4 bits, one partial (row-padded) block per row at 8, 17/16 and
+# 11/11/11 rows; [9, 500]: odd row length, row-padded at both 8 (500 -> 512) and 4 bits
+# (500 -> 512, the last block of each row holds 116 elements), 5/4 and 3/3/3 rows;
+# [4100]: 1-D >= 4096, fp32 states at every world size; [2, 3]: rank 2 holds an empty shard
+# at world size 3.
 SHAPES = {"w": (7, 768), "h": (33, 128), "o": (9, 500), "b": (5, 3), "e": (2, 3), "v": (4100,)}
-QUANTIZED = {8: {"w"}, 4: {"w", "h"}}
+QUANTIZED = {8: {"w", "h", "o"}, 4: {"w", "h", "o"}}
 STEPS = 50
 SPIKES = {7: 80.0, 23: 300.0}
 NAN_STEP = 31  # a NaN in row 0 of "w": only rank 0's shard sees it
@@ -44,11 +46,14 @@ NAN_STEP = 31  # a NaN in row 0 of "w": only rank 0's shard sees it
 # differs from the unsharded one by ~1 ulp, which the quantizer now and then turns into a
 # one-code difference in one element. So: all but LOWBIT_FLIPS of the elements within
 # LOWBIT_BOUND (~reduction-order rounding), every element within LOWBIT_FLIP_BOUND (measured:
-# <= 1.1e-5 for a flip at 8 bits). Quantizing differently moves nearly every element by more
-# (measured on "w": 8-bit vs fp32 states differ by > 1e-6 in 100% of elements, max 3.6e-3).
+# <= 1.1e-5 for a flip on "w" at 8 bits; 5.8e-4 on "h" at 8 bits, world size 3: one v code
+# of a block holding a spike, where the same flip and the same 5.8e-4 appear between the
+# single-process eager and foreach backends, i.e. float reassociation, not sharding).
+# Quantizing differently moves nearly every element by more (measured on "w": 8-bit vs fp32
+# states differ by > 1e-6 in 100% of elements, max 3.6e-3).
 LOWBIT_BOUND = 1e-6
 LOWBIT_FLIPS = 0.005  # fraction of elements allowed beyond LOWBIT_BOUND
-LOWBIT_FLIP_BOUND = 1e-4
+LOWBIT_FLIP_BOUND = 1e-3
 
 
 def _assert_lowbit_close(actual: torch.Tensor, expected: torch.Tensor, what) -> None:
@@ -292,7 +297,7 @@ def _check_shard_dim_gt_0(mesh) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     gen = torch.Generator().manual_seed(5)
-    w0, o0 = torch.randn(7, 768, generator=gen), torch.randn(9, 500, generator=gen)
+    w0, o0 = torch.randn(7, 768, generator=gen), torch.randn(9, 400, generator=gen)  # 3600 < 4096
     w = torch.nn.Parameter(distribute_tensor(w0, mesh, [Shard(1)], src_data_rank=None))
     g = torch.randn(7, 768, generator=gen)
     w.grad = distribute_tensor(g, mesh, [Shard(1)], src_data_rank=None)
@@ -304,7 +309,7 @@ def _check_shard_dim_gt_0(mesh) -> None:
     ref = torch.nn.Parameter(o0.clone())
     opt, opt_r = StableSPAM([o], lr=1e-2, state_bits=4), StableSPAM([ref], lr=1e-2, state_bits=4)
     for step in range(4):
-        g = torch.randn(9, 500, generator=gen) * (50.0 if step == 2 else 1.0)
+        g = torch.randn(9, 400, generator=gen) * (50.0 if step == 2 else 1.0)
         o.grad = distribute_tensor(g, mesh, [Shard(1)], src_data_rank=None)
         ref.grad = g.clone()
         opt.step()
@@ -390,15 +395,26 @@ def test_block_rule_depends_on_logical_shape_only():
 
     assert _distributed.sharded_quantized(Fake((7, 768), (Shard(0),)), 8)
     assert _distributed.sharded_quantized(Fake((40, 128), (Shard(0), Replicate())), 4)
-    assert not _distributed.sharded_quantized(Fake((40, 128), (Shard(0),)), 8)  # 128 % 256
+    assert _distributed.sharded_quantized(Fake((40, 128), (Shard(0),)), 8)  # row-padded
     assert not _distributed.sharded_quantized(Fake((4100,), (Shard(0),)), 8)  # 1-D
-    assert not _distributed.sharded_quantized(Fake((9, 500), (Shard(0),)), 4)  # odd rows
-    assert not _distributed.sharded_quantized(Fake((9, 500), (Shard(1),)), 4)  # fp32: any
+    assert _distributed.sharded_quantized(Fake((9, 500), (Shard(0),)), 4)  # odd rows: padded
+    with pytest.raises(ValueError, match=r"shape \(9, 500\)"):
+        _distributed.sharded_quantized(Fake((9, 500), (Shard(1),)), 4)
+    assert not _distributed.sharded_quantized(Fake((9, 400), (Shard(1),)), 4)  # fp32: any
     assert not _distributed.sharded_quantized(Fake((3, 256), (Shard(0),)), 8)  # < 4096
     with pytest.raises(ValueError, match=r"shape \(7, 768\)"):
         _distributed.sharded_quantized(Fake((7, 768), (Replicate(), Shard(1))), 8)
     # the DTensor rule is the plain one, shape by shape
-    for shape in [(7, 768), (40, 128), (4100,), (9, 500), (3, 256), (2, 2, 1024), (64, 64)]:
+    for shape in [
+        (7, 768),
+        (40, 128),
+        (4100,),
+        (9, 500),
+        (3, 256),
+        (2, 2, 1024),
+        (64, 64),
+        (40, 300),
+    ]:
         for bits in (8, 4):
             fake = Fake(shape, (Shard(0),))
             assert _distributed.sharded_quantized(fake, bits) == L.is_quantized(shape, bits)

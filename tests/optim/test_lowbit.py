@@ -155,36 +155,105 @@ def test_small_tensors_keep_fp32_states():
 
 
 @pytest.mark.parametrize(
-    "shape,q8,q4",
+    "shape,q",
     [
-        ((32000, 2048), True, True),  # LLaMA embedding
-        ((2048, 5504), False, True),  # 5504 = 43 * 128, not a multiple of 256
-        ((2048, 5461), False, False),  # odd row length (GaLore's LLaMA-1B down projection)
-        ((8192,), False, False),  # 1-D: dim-0 sharding may cut it anywhere
-        ((4100,), False, False),
-        ((2, 3, 1024), True, True),  # row = 3 * 1024 elements
-        ((4, 3, 500), False, False),  # row 1500
-        ((16, 256), True, True),  # exactly 4096
-        ((64, 64), False, False),  # 4096 elements but rows of 64
-        ((0, 4096), False, False),
+        ((32000, 2048), True),  # LLaMA embedding
+        ((2048, 5504), True),  # 5504 = 43 * 128: whole blocks at 4 bits, padded at 8
+        ((2048, 5461), True),  # odd row length (GaLore's LLaMA-1B down projection): padded
+        ((8192,), False),  # 1-D: dim-0 sharding may cut it anywhere
+        ((4100,), False),
+        ((2, 3, 1024), True),  # row = 3 * 1024 elements
+        ((4, 3, 500), False),  # 6000 elements, rows of 1500: padded
+        ((40, 300), True),
+        ((16, 256), True),  # exactly 4096
+        ((64, 64), True),  # 4096 elements, rows of 64: one partial block per row
+        ((30, 100), False),  # 3000 < 4096
+        ((0, 4096), False),
     ],
 )
-def test_quantization_rule_depends_on_shape(shape, q8, q4):
-    """Quantized iff numel >= 4096, ndim >= 2 and the row length is a multiple of the block:
-    then dim-0 sharding never cuts a block, at any world size."""
-    assert L.is_quantized(shape, 8) == q8 and L.is_quantized(torch.Size(shape), 4) == q4
+def test_quantization_rule_depends_on_shape(shape, q):
+    """Quantized iff numel >= 4096 and ndim >= 2; the states hold R * ceil(L / B) blocks and
+    R * Lp codes (row-padded), exactly numel / B blocks when L % B == 0."""
+    if shape == (4, 3, 500):
+        q = True  # 6000 >= 4096
+    assert L.is_quantized(shape, 8) == q and L.is_quantized(torch.Size(shape), 4) == q
     if math.prod(shape) > 2**20:  # the LLaMA shapes: the rule only, no 100 MB allocations
         return
-    for bits, want in ((8, q8), (4, q4)):
+    for bits in (8, 4):
         state: dict = {}
         L.init_moment(state, "exp_avg", torch.zeros(shape), bits)
-        assert ("exp_avg_codes" in state) == want, (shape, bits)
-        if want:  # whole blocks, never a padded trailing one; every row a whole number of them
+        assert ("exp_avg_codes" in state) == q, (shape, bits)
+        if q:
             n, block = math.prod(shape), L.BLOCK_SIZES[bits]
-            assert state["exp_avg_absmax"].numel() * block == n
-            assert (n // shape[0]) % block == 0
+            row = n // shape[0]
+            nbr = -(-row // block)
+            assert L.row_layout(shape, bits) == (shape[0], row, nbr * block)
+            assert state["exp_avg_absmax"].numel() == shape[0] * nbr
+            assert state["exp_avg_codes"].numel() == shape[0] * nbr * block // (8 // bits)
+            if row % block == 0:  # the flat layout of earlier versions
+                assert state["exp_avg_absmax"].numel() * block == n
         else:
             assert state["exp_avg"].shape == shape and state["exp_avg"].dtype == torch.float32
+
+
+def oracle_rows(x: torch.Tensor, kind: str, bits: int):
+    """Brute force per row block: each row of x [R, L] cut into blocks from its start (last one
+    partial), nearest code in float64 of fp32 x / absmax over the real elements; returns the
+    codes of the real elements [R, L] and absmax [R, ceil(L / B)]."""
+    block = L.BLOCK_SIZES[bits]
+    q = L.qmap(kind, bits).double()
+    rows, row = x.shape
+    codes = torch.empty(rows, row, dtype=torch.int64)
+    absmax = torch.empty(rows, -(-row // block))
+    for r in range(rows):
+        for b in range(absmax.shape[1]):
+            seg = x[r, b * block : (b + 1) * block].float()
+            a = seg.abs().amax()
+            absmax[r, b] = a
+            normed = (seg / a) if a > 0 else torch.zeros_like(seg)
+            dist = (normed.double()[:, None] - q[None, :]).abs()
+            codes[r, b * block : b * block + seg.numel()] = dist.argmin(dim=1)
+    return codes, absmax
+
+
+@pytest.mark.parametrize("bits,shape", [(4, (40, 300)), (8, (33, 500)), (4, (9, 80, 7))])
+def test_row_padded_blocks_match_the_oracle(bits, shape):
+    """Row-padded quantization is bit-exact nearest code per row block, dequantization drops
+    the padding, and splitting the rows (dim-0 shards) gives the same codes and absmax."""
+    seed_all(11)
+    x = torch.randn(shape) * torch.logspace(-4, 1, shape[0]).view(-1, *[1] * (len(shape) - 1))
+    rows, row, prow = L.row_layout(shape, bits)
+    assert row % L.BLOCK_SIZES[bits] != 0  # the case the flat rule used to leave in fp32
+    for kind in ("m", "v"):
+        xi = x.abs() if kind == "v" else x
+        codes, absmax = L.quantize_blockwise(xi, kind, bits, row=row)
+        want_codes, want_absmax = oracle_rows(xi.reshape(rows, row), kind, bits)
+        assert torch.equal(absmax.view(rows, -1), want_absmax)
+        got = L.unpack4(codes) if bits == 4 else codes.long()
+        assert got.numel() == rows * prow
+        assert torch.equal(got.view(rows, prow)[:, :row], want_codes)
+        deq = L.dequantize_blockwise(codes, absmax, kind, bits, xi.numel(), row=row)
+        want = (
+            L.qmap(kind, bits)[want_codes]
+            * torch.repeat_interleave(want_absmax, L.BLOCK_SIZES[bits], dim=1)[:, :row]
+        )
+        assert torch.equal(deq.view(rows, row), want)
+        for world in (2, 3, 7):  # dim-0 shards quantize the same blocks
+            parts = [L.quantize_blockwise(c, kind, bits, row=row) for c in xi.chunk(world)]
+            assert torch.equal(torch.cat([c for c, _ in parts]), codes), (kind, world)
+            assert torch.equal(torch.cat([a for _, a in parts]), absmax), (kind, world)
+    # state entries round-trip through load/store with the param's shape
+    state: dict = {}
+    p = torch.zeros(shape)
+    L.init_moment(state, "exp_avg", p, bits)
+    L.store_moment(state, "exp_avg", x)
+    back = L.load_moment(state, "exp_avg", p, bits)
+    assert "exp_avg_codes" in state and back.shape == shape
+    qx = L.quantize_blockwise(x, "m", bits, row)
+    ref = L.dequantize_blockwise(*qx, "m", bits, x.numel(), row)
+    assert torch.equal(back.reshape(-1), ref)
+    with pytest.raises(ValueError, match="shaped like the param"):
+        L.store_moment(state, "exp_avg", x.reshape(-1))  # a flat value would use other blocks
 
 
 def test_row_rule_keeps_blocks_inside_dim0_shards():
@@ -198,6 +267,9 @@ def test_row_rule_keeps_blocks_inside_dim0_shards():
             parts = [L.quantize_blockwise(c, "m", bits) for c in x.chunk(world)]
             assert torch.equal(torch.cat([c for c, _ in parts]), whole_c), (bits, world)
             assert torch.equal(torch.cat([a for _, a in parts]), whole_a), (bits, world)
+        # L % B == 0: the row-padded layout is the flat one (old checkpoints load unchanged)
+        row_c, row_a = L.quantize_blockwise(x, "m", bits, row=x.shape[1])
+        assert torch.equal(row_c, whole_c) and torch.equal(row_a, whole_a)
 
 
 def test_is_quantized_accepts_the_old_int_signature_and_rejects_junk():
