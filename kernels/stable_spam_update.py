@@ -248,7 +248,7 @@ def _pass_c(
                     SR,
                     CHUNK,
                 )
-        else:  # tensors under 4096 elements keep fp32 states
+        else:  # tensors that are not quantized (small or 1-D: _lowbit.is_quantized) keep fp32
             _step_plain(
                 pp,
                 gp,
