@@ -1,9 +1,12 @@
 """Hessian trace and top eigenvalue: stablecore vs PyHessian, same model, data and HVP count.
 
 Trace: both use exactly ``PROBES`` Rademacher probes (PyHessian's early stop is disabled with
-``tol=-inf``). Eigenvalue: both use ``PROBES`` Hessian-vector products (PyHessian: power
-iteration; stablecore: Lanczos, and block Lanczos with 4 vectors per batched HVP). Every timed
-call builds everything from scratch (PyHessian's constructor and our operator included).
+``tol=-inf``); ``trace/stablecore`` computes the quadratic forms ``v^T H v`` only (as PyHessian's
+trace does), ``trace/stablecore_hv`` the full ``H v`` (Frobenius norm and per-layer traces too).
+Eigenvalue: both use ``PROBES`` Hessian-vector products (PyHessian: power iteration; stablecore:
+Lanczos, and block Lanczos with 4 vectors per batched HVP); ``..._equal_accuracy`` is Lanczos
+with the fewest HVPs that get at least as close to lambda_max as PyHessian's ``PROBES``. Every
+timed call builds everything from scratch (PyHessian's constructor and our operator included).
 
 ``test_interleaved_vs_pyhessian`` is the fair comparison on a shared machine: the two run in
 turns in one process, ``REPEATS`` rounds, and it records medians of CPU (thread) time and wall
@@ -40,6 +43,7 @@ FULL = (256, 1024, 100, 2048, 64)
 SIZE = FULL if DEVICE == "cuda" else SMALL
 REPEATS = 3 if SMOKE else 9
 BLOCK = 4
+EQUAL = "lambda_max/stablecore_equal_accuracy"
 
 
 def _problem(size, device):
@@ -66,28 +70,53 @@ def _peak(device) -> int | None:
     return peak
 
 
+def _lanczos(model, loss, data, hvps: int, block: int = 1):
+    """A runner: lambda_max by (block) Lanczos with exactly ``hvps`` HVPs."""
+
+    def run():
+        res = top_eigenvalues(model, loss, data, k=1, max_iters=hvps, tol=0.0, block_size=block)
+        assert res.num_matvecs == hvps
+        return float(res.eigenvalues[0]), float(res.residuals[0])
+
+    return run
+
+
+def _hvps_to_match(model, loss, data, target: float, cap: int) -> int:
+    """The fewest Lanczos HVPs whose estimate reaches ``target`` from below (untimed)."""
+    for m in range(2, cap + 1):
+        if (
+            float(top_eigenvalues(model, loss, data, k=1, max_iters=m, tol=0.0).eigenvalues[0])
+            >= target
+        ):
+            return m
+    return cap
+
+
 def _runners(pyhessian, model, loss, x, y, probes, device):
     """name -> zero-argument callable returning the estimate (and its spread)."""
     data = (x, y)
 
-    def ours_trace():
-        est = hessian_trace(model, loss, data, num_probes=probes, probe_batch=probes)
-        return est.trace, est.stderr
-
-    def ours_eig(block: int):
+    def ours_trace(quadratic_only: bool):
         def run():
-            res = top_eigenvalues(
-                model, loss, data, k=1, max_iters=probes, tol=0.0, block_size=block
+            est = hessian_trace(
+                model,
+                loss,
+                data,
+                num_probes=probes,
+                probe_batch=probes,
+                quadratic_only=quadratic_only,
             )
-            assert res.num_matvecs == probes
-            return float(res.eigenvalues[0]), float(res.residuals[0])
+            return est.trace, est.stderr
 
         return run
 
     out = {
-        "trace/stablecore": ours_trace,
-        "lambda_max/stablecore": ours_eig(1),
-        f"lambda_max/stablecore_block{BLOCK}": ours_eig(BLOCK),
+        # v^T H v only, as PyHessian's trace computes: forward-only quadratic forms
+        "trace/stablecore": ours_trace(True),
+        # full H v per probe: also ||H||_F^2 and per-layer traces from the same probes
+        "trace/stablecore_hv": ours_trace(False),
+        "lambda_max/stablecore": _lanczos(model, loss, data, probes),
+        f"lambda_max/stablecore_block{BLOCK}": _lanczos(model, loss, data, probes, BLOCK),
     }
     if pyhessian is None:
         return out
@@ -129,6 +158,9 @@ def _compare(size, device, repeats) -> dict:
         torch.set_num_threads(1)  # a fair single-thread comparison on a shared machine
     try:
         values = {k: fn() for k, fn in runners.items()}  # warm-up (imports, allocator)
+        # equal accuracy: as close to lambda_max as PyHessian's power iteration after `probes`
+        equal = _hvps_to_match(model, loss, (x, y), values["lambda_max/pyhessian"][0], probes)
+        runners[EQUAL] = _lanczos(model, loss, (x, y), equal)
         cpu = {k: [] for k in runners}
         wall = {k: [] for k in runners}
         for _ in range(repeats):
@@ -138,12 +170,14 @@ def _compare(size, device, repeats) -> dict:
                 wall[k].append(w)
         op = HessianOperator(model, loss, (x, y))
         ref = top_eigenvalues(op, k=1, tol=1e-7, max_iters=min(op.dim, 400))
+        exact_trace = _exact_trace(op) if op.dim <= 20_000 else None
     finally:
         torch.set_num_threads(threads)
     clock = cpu if device == "cpu" else wall  # CPU time is robust to other tenants
     med = {k: statistics.median(v) for k, v in clock.items()}
     lam = float(ref.eigenvalues[0])
     rows = {}
+    hvps = {k: probes for k in runners} | {EQUAL: equal}
     for k in runners:
         quantity, impl = k.split("/")
         value, spread = values[k]
@@ -159,6 +193,7 @@ def _compare(size, device, repeats) -> dict:
             # the same ratio per round (each pair ran back to back, under the same load)
             "speedup_paired_median": statistics.median(t / o for t, o in zip(theirs, clock[k])),
             "speedup_best_of": min(theirs) / min(clock[k]),
+            "hvps": hvps[k],
             "estimate": value,
             "stderr" if quantity == "trace" else "residual": spread,
         }
@@ -167,6 +202,7 @@ def _compare(size, device, repeats) -> dict:
     return {
         "rows": rows,
         "lambda_max_converged": lam,
+        "trace_exact": exact_trace,
         "params": op.dim,
         "probes": probes,
         "device": device,
@@ -180,9 +216,12 @@ def _report(benchmark, result) -> None:
     benchmark.extra_info.update({k: v for k, v in result.items() if k != "rows"}, peer="pyhessian")
     for k, row in result["rows"].items():
         benchmark.extra_info[k] = row
+    exact = result["trace_exact"]
     print(
         f"\nsharpness vs PyHessian: {result['params']} params, {result['probes']} HVPs, "
-        f"{result['device']}, median {result['clock']} of {result['repeats']} interleaved rounds"
+        f"{result['device']}, median {result['clock']} of {result['repeats']} interleaved rounds;"
+        f" exact trace {'n/a' if exact is None else f'{exact:.5g}'},"
+        f" lambda_max {result['lambda_max_converged']:.6g}"
     )
     for k, r in result["rows"].items():
         spread = r.get("stderr")
@@ -192,15 +231,26 @@ def _report(benchmark, result) -> None:
         gap = r.get("rel_gap_to_converged")
         gap = "" if gap is None else f"  gap {gap:+.2%}"
         print(
-            f"  {k:34s} {r['median_s'] * 1e3:8.1f} ms (wall {r['median_wall_s'] * 1e3:7.1f})"
+            f"  {k:38s} {r['hvps']:3d} HVPs {r['median_s'] * 1e3:7.1f} ms"
+            f" (wall {r['median_wall_s'] * 1e3:6.1f})"
             f"  x{r['speedup_vs_pyhessian']:.2f} (paired x{r['speedup_paired_median']:.2f},"
             f" best-of x{r['speedup_best_of']:.2f})  {r['estimate']:.5g}{spread}{gap}"
         )
 
 
+def _exact_trace(op: HessianOperator) -> float:
+    """sum_i e_i^T H e_i over every unit vector (untimed; small models only)."""
+    eye = torch.eye(op.dim, dtype=op.dtype, device=op.device)
+    return float(sum(op.quadratic_forms(eye[i : i + 512]).sum() for i in range(0, op.dim, 512)))
+
+
 def _check(result) -> None:
     rows = result["rows"]
     ours, theirs = rows["trace/stablecore"], rows["trace/pyhessian"]
+    exact = result["trace_exact"]
+    if exact is not None:  # each estimate within 4 of its standard errors of the true trace
+        for row in (ours, theirs):
+            assert abs(row["estimate"] - exact) <= 4 * row["stderr"], (row, exact)
     # two independent estimates of one trace: within 4 combined standard errors
     assert abs(ours["estimate"] - theirs["estimate"]) <= 4 * math.hypot(
         ours["stderr"], theirs["stderr"]
@@ -241,6 +291,7 @@ def problem():
     "name",
     [
         "trace/stablecore",
+        "trace/stablecore_hv",
         "trace/pyhessian",
         "lambda_max/stablecore",
         f"lambda_max/stablecore_block{BLOCK}",

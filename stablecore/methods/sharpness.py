@@ -18,12 +18,14 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -117,6 +119,24 @@ class FrobeniusEstimate:
     num_probes: int
 
 
+@functools.lru_cache(maxsize=8)
+def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    # row b holds the 8 bits of b as +-1: one random byte gives 8 independent fair signs
+    bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
+    return (bits * 2 - 1).to(device=device, dtype=dtype)
+
+
+def rademacher(rows: int, dim: int, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+    """``[rows, dim]`` independent fair +-1 entries, on ``generator``'s device. One random byte
+    per 8 entries, expanded by a table lookup: 8x less generator work than ``randint(0, 2)``."""
+    count = rows * dim
+    codes = torch.randint(
+        0, 256, ((count + 7) // 8,), generator=generator, device=generator.device
+    )
+    signs = F.embedding(codes, _sign_table(dtype, generator.device))
+    return signs.view(-1)[:count].view(rows, dim)
+
+
 def _mean_se(x: Tensor) -> tuple[float, float]:
     m = x.shape[0]
     se = float(x.std(unbiased=True, dim=0).max()) / math.sqrt(m) if m > 1 else math.inf
@@ -133,6 +153,7 @@ def _hutchinson(
     probe_batch: int,
     seed: int,
     progress: bool,
+    quadratic_only: bool = False,
 ):
     if num_probes is not None and num_probes < 1:
         raise ValueError(f"num_probes must be >= 1; got {num_probes}")
@@ -150,17 +171,22 @@ def _hutchinson(
             if se <= rtol * abs(mean):
                 break
         b = min(probe_batch, limit - m)
-        V = torch.randint(0, 2, (b, op.dim), generator=gen, device=op.device).to(op.dtype) * 2 - 1
-        HV = op.matvec(V)
-        prod = V * HV  # exact: v_i = +-1
-        # per-parameter sums of v_i (Hv)_i, accumulated in float64: unbiased for the trace of
-        # each diagonal block; their total is v^T H v
-        per = torch.stack([c.sum(-1, dtype=f64) for c in prod.split(op.numels, -1)], -1)
-        blocks.append(per)
-        quad.append(per.sum(-1))
-        sq.append(torch.linalg.vector_norm(HV, dim=-1, dtype=f64) ** 2)
+        V = rademacher(b, op.dim, gen, op.dtype)
+        if quadratic_only:  # v^T H v alone: no H v (forward only on the structured backend)
+            quad.append(op.quadratic_forms(V))
+        else:
+            HV = op.matvec(V)
+            prod = V * HV  # exact: v_i = +-1
+            # per-parameter sums of v_i (Hv)_i, accumulated in float64: unbiased for the trace
+            # of each diagonal block; their total is v^T H v
+            per = torch.stack([c.sum(-1, dtype=f64) for c in prod.split(op.numels, -1)], -1)
+            blocks.append(per)
+            quad.append(per.sum(-1))
+            sq.append(torch.linalg.vector_norm(HV, dim=-1, dtype=f64) ** 2)
         bar.update(b)
     bar.close()
+    if quadratic_only:
+        return torch.cat(quad), None, None
     return torch.cat(quad), torch.cat(sq), torch.cat(blocks)
 
 
@@ -175,6 +201,7 @@ def hessian_trace(
     max_probes: int = 1024,
     probe_batch: int = 32,
     groups: Groups = None,
+    quadratic_only: bool = False,
     seed: int = 0,
     progress: bool = False,
     **op_kwargs: Any,
@@ -184,15 +211,30 @@ def hessian_trace(
     ``num_probes`` fixes the count; otherwise it stops once ``stderr <= rtol * |trace|`` (after at
     least ``min_probes``, at most ``max_probes``). Per-group block traces come for free
     (``groups``: ``None``/``"module"``, ``"parameter"``, ``name -> group`` or ``{group: names}``).
+    ``quadratic_only=True`` computes only the quadratic forms ``v^T H v`` (what the trace needs):
+    on the structured MLP backend they cost about half an HVP each, forward only; the Frobenius
+    estimate and the per-group traces, which need ``H v``, are then NaN and empty.
     Returns a :class:`TraceEstimate` (float64 statistics). Example::
 
         >>> hessian_trace(nn.Linear(3, 1), nn.MSELoss(), (torch.randn(8, 3), torch.randn(8, 1))).trace
     """
     op = as_operator(model, loss_fn, data, op_kwargs)
     quad, sq, blocks = _hutchinson(
-        op, "trace", num_probes, rtol, min_probes, max_probes, probe_batch, seed, progress
+        op,
+        "trace",
+        num_probes,
+        rtol,
+        min_probes,
+        max_probes,
+        probe_batch,
+        seed,
+        progress,
+        quadratic_only,
     )
     trace, se = _mean_se(quad)
+    if quadratic_only:
+        nan = math.nan
+        return TraceEstimate(trace, se, quad.shape[0], nan, nan, {}, quad, op.backend_used)
     f2, f2se = _mean_se(sq)
     group_of = _group_of(groups)
     members: dict[str, list[int]] = {}

@@ -45,6 +45,7 @@ from stablecore.methods._hessian.losses import (
     stablemax_ce_logit_hvp,
 )
 from stablecore.methods._hessian.structured import StructuredHVP
+from stablecore.methods._hessian.taylor import quadratic_forms
 
 __all__ = [
     "HessianOperator",
@@ -102,7 +103,7 @@ class HessianOperator(AutogradBackends):
             CPU (cache-sized intermediates), all on other devices.
 
     Attributes: ``dim`` (D), ``names``, ``dtype``, ``device``, ``backend_used`` (e.g.
-    ``"double_backward+reference"``), ``num_matvecs``.
+    ``"double_backward+reference"``), ``num_matvecs``, ``num_quadratic_forms``.
 
     Example::
 
@@ -159,6 +160,7 @@ class HessianOperator(AutogradBackends):
         self._single_probe_graph = is_single_batch(data) and self.kind == "hessian"
         self.backend_used: str | None = None
         self.num_matvecs = 0
+        self.num_quadratic_forms = 0
         first = _to_device(next(iter(self.batches()), None), self.device)
         self._device_data = first
         if first is None:
@@ -270,16 +272,21 @@ class HessianOperator(AutogradBackends):
             return max(1, min(self.probe_chunk, num))
         return min(_CPU_PROBE_CHUNK, num) if self.device.type == "cpu" else num
 
-    def _hvp_structured(self, batch: Any, V: Tensor) -> Tensor:
+    def _structured_prepared(self, batch: Any) -> Any:
+        """The structured backend's forward/backward cache for ``batch`` (kept for one batch
+        while the parameters are unchanged)."""
         if self._structured is None:
             raise NotImplementedError(self._structured_reason)
         key = self._param_key() if is_single_batch(self.data) else None
         if key is not None and self._structured_cache and self._structured_cache[0] == key:
-            cache = self._structured_cache[1]
-        else:
-            cache = self._structured.prepare(batch)
-            if key is not None:
-                self._structured_cache = (key, cache)
+            return self._structured_cache[1]
+        cache = self._structured.prepare(batch)
+        if key is not None:
+            self._structured_cache = (key, cache)
+        return cache
+
+    def _hvp_structured(self, batch: Any, V: Tensor) -> Tensor:
+        cache = self._structured_prepared(batch)
         if V.shape[0] == 1:
             return self._structured.apply_one(cache, V[0]).unsqueeze(0)
         step = self._chunk(V.shape[0])
@@ -382,6 +389,41 @@ class HessianOperator(AutogradBackends):
         self.num_matvecs += V.shape[0]
         out = (total / weight).detach()
         return out[0] if vectors.dim() == 1 else out
+
+    def quadratic_forms(self, vectors: Tensor) -> Tensor:
+        """``v^T H v`` for each row of ``vectors: [P, D]`` -> ``[P]`` float64 (Hutchinson needs no
+        more). The structured MLP backend evaluates them forward only (:mod:`.taylor`, about half
+        the work of ``H v``); every other backend takes ``sum(v * H v)``."""
+        if not isinstance(vectors, Tensor) or vectors.dim() != 2 or vectors.shape[1] != self.dim:
+            shape = tuple(vectors.shape) if isinstance(vectors, Tensor) else type(vectors).__name__
+            raise ValueError(f"vectors must be [P, D] with D={self.dim}; got {shape}")
+        V = vectors.to(device=self.device, dtype=self.dtype)
+        if self._structured is not None and self._chosen in (None, ("structured", False)):
+            try:
+                total, weight = 0.0, 0
+                with self._mode():
+                    for batch in self.batches():
+                        batch = _to_device(batch, self.device)
+                        cache = self._structured_prepared(batch)
+                        step, w = self._chunk(V.shape[0]), batch_size(batch)
+                        q = torch.cat(
+                            [
+                                quadratic_forms(self._structured, cache, V[i : i + step])
+                                for i in range(0, V.shape[0], step)
+                            ]
+                        )
+                        total, weight = total + q * w, weight + w
+                if weight == 0:
+                    raise ValueError("data holds no batches")
+                self._chosen, self.backend_used = ("structured", False), "structured"
+                self.num_quadratic_forms += V.shape[0]
+                return total / weight
+            except NotImplementedError as exc:  # e.g. a later batch it cannot read
+                self._structured, self._structured_reason = None, str(exc)
+                self._chosen = None  # let matvec pick a generic backend
+        out = (V * self.matvec(V)).sum(-1, dtype=torch.float64)
+        self.num_quadratic_forms += V.shape[0]
+        return out
 
     def dense(self) -> Tensor:
         """The full ``[D, D]`` matrix (``D`` matvecs): for tests and tiny models only."""

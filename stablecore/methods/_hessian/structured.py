@@ -9,9 +9,9 @@ through a graph of ~60 nodes whose per-node overhead dominates small models, and
 probes it multiplies weights one probe at a time. Here each product is ONE large GEMM over all
 probes: tangents live in a ``[n, P, features]`` layout so ``a @ V^T`` (shared activations ``a:
 [n, in]``, per-probe weights ``V: [P, out, in]``) is ``[n, in] @ [in, P*out]`` with no copy, and
-second-derivative terms reuse cached ``act'`` and ``act''``. On a 7k-parameter MLP with 32 probes
-(``bench/test_bench_sharpness.py``, one CPU thread) a Hutchinson trace takes 2.2-2.8x less CPU
-time than PyHessian; the GEMMs themselves are about half of what is left.
+second-derivative terms reuse cached ``act'`` and ``act''``; on a CPU the ``[n, P, features]``
+intermediates live in a reused :class:`Workspace`. Hutchinson's quadratic forms alone take half
+the products again (:mod:`.taylor`). Measured in ``bench/test_bench_sharpness.py``.
 
 :class:`StructuredHVP` is tried first by :class:`HessianOperator`; any model or loss it does not
 know raises ``NotImplementedError`` and the generic ``torch.func`` backends take over.
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from stablecore.methods._hessian.rop import hvp_batched, hvp_single
 
 __all__ = ["StructuredHVP", "unsupported_reason"]
 
@@ -129,6 +131,28 @@ def unsupported_reason(model: nn.Module, loss_fn: object) -> str | None:
     return None
 
 
+class Workspace:
+    """Scratch tensors reused across calls, keyed by name (CPU only).
+
+    On a CPU every fresh tensor over 128 KiB is a new ``mmap`` from glibc, paid again in page
+    faults on first touch and often returned to the OS when freed: for ``[n, probes, features]``
+    intermediates that is most of the time of a small HVP (measured 2-10x per elementwise op on
+    a 7k-parameter MLP). CUDA's caching allocator already reuses memory, so there every request
+    is a fresh ``new_empty`` and nothing is kept alive between calls."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[object, Tensor] = {}
+
+    def get(self, key: object, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised contiguous tensor of ``shape`` (dtype/device of ``like``)."""
+        if like.device.type != "cpu":
+            return like.new_empty(shape)
+        t = self._bufs.get(key)
+        if t is None or t.shape != shape or t.dtype != like.dtype:
+            t = self._bufs[key] = like.new_empty(shape)
+        return t
+
+
 @dataclass
 class _Cache:
     """Forward/backward quantities at the current parameters for one batch."""
@@ -143,6 +167,7 @@ class _Cache:
     d1_2d: list[Tensor | None]
     d2_2d: list[Tensor | None]
     deltas_t: list[Tensor]  # deltas[i].T
+    work: Workspace = field(default_factory=Workspace)
 
 
 class StructuredHVP:
@@ -281,117 +306,20 @@ class StructuredHVP:
             [d.T for d in deltas],
         )
 
+    def probe_weights(self, cache: _Cache, V: Tensor, i: int) -> Tensor | None:
+        """Layer ``i``'s weight tangents of every probe, ``[P, out, in]`` contiguous (a copy in
+        the workspace: the slice of ``V`` is strided), or None when its weight is not selected."""
+        slot, m = self.slots[i], self.layers[i]
+        if slot is None or slot[0] is None:
+            return None
+        (off, num), P = slot[0], V.shape[0]
+        vw = cache.work.get(("vw", i), (P, m.out_features, m.in_features), V)
+        return vw.copy_(V[:, off : off + num].view(P, m.out_features, m.in_features))
+
     def apply_one(self, cache: _Cache, v: Tensor) -> Tensor:
-        """``H v`` for one ``v: [D]`` -> ``[D]``: the rules of :meth:`apply` on 2-D tensors,
-        about half the tensor ops (the per-op overhead dominates one probe)."""
-        parts: list[Tensor] = []
-        with torch.no_grad():
-            tangents: list[tuple[Tensor | None, Tensor | None]] = []
-            for m, slot in zip(self.layers, self.slots):
-                ws, bs = slot if slot is not None else (None, None)
-                vw = None if ws is None else v[ws[0] : ws[0] + ws[1]].view(m.out_features, -1)
-                tangents.append((vw, None if bs is None else v[bs[0] : bs[0] + bs[1]]))
-            rz: list[Tensor | None] = [None] * len(self.layers)
-            r = None
-            for i in range(self.first, len(self.layers)):
-                m, rz[i] = self.layers[i], r
-                if type(m) is nn.Linear:
-                    vw, vb = tangents[i]
-                    new = None if vw is None else cache.inputs[i] @ vw.T
-                    if r is not None:
-                        new = r @ m.weight.T if new is None else new.addmm_(r, m.weight.T)
-                    if vb is not None:
-                        n = cache.inputs[i].shape[0]
-                        new = vb.expand(n, -1).clone() if new is None else new.add_(vb)
-                    r = new
-                elif r is not None:
-                    r = r * cache.d1_2d[i]
-            rd = cache.out_hvp(r.unsqueeze(1))[:, 0]
-            for i in range(len(self.layers) - 1, self.first - 1, -1):
-                m = self.layers[i]
-                if type(m) is not nn.Linear:
-                    rd = rd * cache.d1_2d[i]
-                    if cache.d2_2d[i] is not None and rz[i] is not None:
-                        rd.addcmul_(cache.d2_2d[i], rz[i])
-                    continue
-                (vw, _), slot = tangents[i], self.slots[i]
-                if slot is not None and slot[1] is not None:
-                    parts.append((slot[1][0], rd.sum(0)))
-                if slot is not None and slot[0] is not None:
-                    gw = rd.T @ cache.inputs[i]
-                    if rz[i] is not None:
-                        gw.addmm_(cache.deltas_t[i], rz[i])
-                    parts.append((slot[0][0], gw.view(-1)))
-                if i > self.first:
-                    new = rd @ m.weight
-                    rd = new if vw is None else new.addmm_(cache.deltas[i], vw)
-        # every selected parameter sits in a Linear, so the parts tile [0, D) exactly
-        return torch.cat([t for _, t in sorted(parts, key=lambda x: x[0])])
+        """``H v`` for one ``v: [D]`` -> ``[D]`` (see :func:`.rop.hvp_single`)."""
+        return hvp_single(self, cache, v)
 
     def apply(self, cache: _Cache, V: Tensor) -> Tensor:
-        """``H V`` for ``V: [P, D]`` (flat over ``names``) -> ``[P, D]``."""
-        P, n = V.shape[0], cache.inputs[0].shape[0]
-        out = V.new_zeros(P, self.dim)
-        with torch.no_grad():
-            tangents: list[tuple[Tensor | None, Tensor | None]] = []
-            for m, slot in zip(self.layers, self.slots):
-                if slot is None:
-                    tangents.append((None, None))
-                    continue
-                (ws, bs), o = slot, m.out_features
-                vw = None if ws is None else V[:, ws[0] : ws[0] + ws[1]].reshape(P, o, -1)
-                vb = None if bs is None else V[:, bs[0] : bs[0] + bs[1]]
-                tangents.append((vw, vb))
-            # R-forward: rz[i] is the tangent of layer i's input, [n, P, features] or None (0)
-            rz: list[Tensor | None] = [None] * len(self.layers)
-            r = None
-            for i in range(self.first, len(self.layers)):
-                m, rz[i] = self.layers[i], r
-                if type(m) is nn.Linear:
-                    vw, vb = tangents[i]
-                    o = m.out_features
-                    new = None
-                    if vw is not None:  # a @ V^T for all probes: [n, in] @ [in, P*out]
-                        new = (cache.inputs[i] @ vw.reshape(P * o, -1).T).view(n, P, o)
-                    if r is not None:
-                        if new is None:
-                            new = (r.reshape(n * P, -1) @ m.weight.T).view(n, P, o)
-                        else:
-                            new.view(n * P, o).addmm_(r.reshape(n * P, -1), m.weight.T)
-                    if vb is not None:
-                        new = vb.expand(n, P, o).clone() if new is None else new.add_(vb)
-                    r = new
-                elif r is not None:
-                    r = r * cache.d1[i]
-            # R-backward: rd is the tangent of dL/d(layer output)
-            rd = cache.out_hvp(r)
-            for i in range(len(self.layers) - 1, self.first - 1, -1):
-                m = self.layers[i]
-                if type(m) is not nn.Linear:
-                    rd = rd * cache.d1[i]
-                    if cache.d2[i] is not None and rz[i] is not None:
-                        rd.addcmul_(cache.d2[i], rz[i])
-                    continue
-                (vw, vb), slot = tangents[i], self.slots[i]
-                o, k = m.out_features, m.in_features
-                if slot is not None and slot[0] is not None:
-                    off, num = slot[0]
-                    gw = (rd.reshape(n, P * o).T @ cache.inputs[i]).view(P, o, k)
-                    if rz[i] is not None:  # delta^T R a for all probes: [out, n] @ [n, P*in]
-                        gw += (
-                            (cache.deltas[i].T @ rz[i].reshape(n, P * k))
-                            .view(o, P, k)
-                            .transpose(0, 1)
-                        )
-                    out[:, off : off + num] = gw.reshape(P, num)
-                if slot is not None and slot[1] is not None:
-                    off, num = slot[1]
-                    out[:, off : off + num] = rd.sum(0)
-                if i > self.first:
-                    new = rd.reshape(n * P, o) @ m.weight
-                    if vw is not None:  # delta @ V for all probes: [n, out] @ [out, P*in],
-                        # accumulated by the GEMM ([n*P, in] and [n, P*in] share the memory)
-                        vt = vw.transpose(0, 1).reshape(o, P * k)
-                        new.view(n, P * k).addmm_(cache.deltas[i], vt)
-                    rd = new.view(n, P, k)
-        return out
+        """``H V`` for ``V: [P, D]`` (flat over ``names``) -> ``[P, D]`` (:func:`.rop.hvp_batched`)."""
+        return hvp_batched(self, cache, V)
