@@ -16,7 +16,7 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from stablecore.methods._hessian.structured import StructuredHVP, _Cache
 
-__all__ = ["hvp_batched", "hvp_single"]
+__all__ = ["hvp_batched", "hvp_single", "linear_tangent"]
 
 
 def hvp_single(hvp: StructuredHVP, cache: _Cache, v: Tensor) -> Tensor:
@@ -67,6 +67,34 @@ def hvp_single(hvp: StructuredHVP, cache: _Cache, v: Tensor) -> Tensor:
     return torch.cat([t for _, t in sorted(parts, key=lambda x: x[0])])
 
 
+def linear_tangent(
+    hvp: StructuredHVP,
+    cache: _Cache,
+    V: Tensor,
+    i: int,
+    vw: Tensor | None,
+    r: Tensor | None,
+    key: object,
+) -> Tensor:
+    """The tangent of Linear layer ``i``'s output for every probe, ``V_i a + W r + c_i``:
+    ``[n, P, out]`` in the workspace slot ``key``. ``vw: [P, out, in]`` (or None: weight not
+    selected), ``r: [n, P, in]`` the input's tangent (or None: zero)."""
+    m, bs = hvp.layers[i], hvp.slots[i][1]
+    (P, n), o, k = (V.shape[0], cache.inputs[0].shape[0]), m.out_features, m.in_features
+    if vw is None and r is None:  # only the bias moves
+        return V[:, bs[0] : bs[0] + bs[1]].expand(n, P, o).contiguous()
+    new = cache.work.get(key, (n, P, o), V)
+    if vw is not None:  # a @ V^T for all probes: [n, in] @ [in, P*out]
+        torch.mm(cache.inputs[i], vw.view(P * o, k).T, out=new.view(n, P * o))
+        if r is not None:
+            new.view(n * P, o).addmm_(r.view(n * P, k), m.weight.T)
+    else:
+        torch.mm(r.view(n * P, k), m.weight.T, out=new.view(n * P, o))
+    if bs is not None:
+        new.add_(V[:, bs[0] : bs[0] + bs[1]])
+    return new
+
+
 def hvp_batched(hvp: StructuredHVP, cache: _Cache, V: Tensor) -> Tensor:
     """``H V`` for ``V: [P, D]`` (flat over ``names``) -> ``[P, D]``."""
     P, n = V.shape[0], cache.inputs[0].shape[0]
@@ -83,20 +111,7 @@ def hvp_batched(hvp: StructuredHVP, cache: _Cache, V: Tensor) -> Tensor:
                 if r is not None:
                     r = torch.mul(r, cache.d1[i], out=work.get(("a", i), r.shape, V))
                 continue
-            o, k, vw, bs = m.out_features, m.in_features, vws[i], hvp.slots[i][1]
-            if vw is None and r is None:  # only the bias moves
-                r = V[:, bs[0] : bs[0] + bs[1]].expand(n, P, o).contiguous()
-                continue
-            new = work.get(("z", i), (n, P, o), V)
-            if vw is not None:  # a @ V^T for all probes: [n, in] @ [in, P*out]
-                torch.mm(cache.inputs[i], vw.view(P * o, k).T, out=new.view(n, P * o))
-                if r is not None:
-                    new.view(n * P, o).addmm_(r.view(n * P, k), m.weight.T)
-            else:
-                torch.mm(r.view(n * P, k), m.weight.T, out=new.view(n * P, o))
-            if bs is not None:
-                new.add_(V[:, bs[0] : bs[0] + bs[1]])
-            r = new
+            r = linear_tangent(hvp, cache, V, i, vws[i], r, ("z", i))
         # R-backward: rd is the tangent of dL/d(layer output)
         rd = cache.out_hvp(r)
         for i in range(len(hvp.layers) - 1, hvp.first - 1, -1):

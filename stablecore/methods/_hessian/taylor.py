@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from stablecore.methods._hessian.rop import linear_tangent
 from stablecore.methods._hessian.structured import StructuredHVP, _Cache
 
 __all__ = ["quadratic_forms"]
@@ -45,24 +46,13 @@ def quadratic_forms(hvp: StructuredHVP, cache: _Cache, V: Tensor) -> Tensor:
                 r = r.mul_(cache.d1[i])  # r is this function's own buffer
                 continue
             o, k = m.out_features, m.in_features
-            vw, bs = hvp.probe_weights(cache, V, i), hvp.slots[i][1]
-            if vw is None and r is None:  # only the bias moves
-                r = V[:, bs[0] : bs[0] + bs[1]].expand(n, P, o).contiguous()
-                continue
-            new = work.get(("qz", i), (n, P, o), V)
-            if vw is not None:  # V a for all probes: [n, in] @ [in, P*out]
-                torch.mm(cache.inputs[i], vw.view(P * o, k).T, out=new.view(n, P * o))
-                if r is not None:
-                    # 2 <dL/dz, V a'>, summed over samples: <V, dL/dz^T a'> per probe
-                    g = work.get(("qg", i), (o, P, k), V)
-                    torch.mm(cache.deltas_t[i], r.view(n, P * k), out=g.view(o, P * k))
-                    total += 2 * g.mul_(vw.transpose(0, 1)).sum((0, 2))
-                    new.view(n * P, o).addmm_(r.view(n * P, k), m.weight.T)
-            else:
-                torch.mm(r.view(n * P, k), m.weight.T, out=new.view(n * P, o))
-            if bs is not None:
-                new.add_(V[:, bs[0] : bs[0] + bs[1]])
-            r = new
+            vw = hvp.probe_weights(cache, V, i)
+            if vw is not None and r is not None:
+                # 2 <dL/dz, V a'>, summed over samples: <V, dL/dz^T a'> per probe
+                g = work.get(("qg", i), (o, P, k), V)
+                torch.mm(cache.deltas_t[i], r.view(n, P * k), out=g.view(o, P * k))
+                total += 2 * g.mul_(vw.transpose(0, 1)).sum((0, 2))
+            r = linear_tangent(hvp, cache, V, i, vw, r, ("qz", i))
         # the loss term z'_L^T H_out z'_L (the gradient term was folded in layer by layer)
         total += (r * cache.out_hvp(r)).sum((0, 2))
     return total
