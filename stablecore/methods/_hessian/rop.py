@@ -22,49 +22,57 @@ __all__ = ["hvp_batched", "hvp_single", "linear_tangent"]
 def hvp_single(hvp: StructuredHVP, cache: _Cache, v: Tensor) -> Tensor:
     """``H v`` for one ``v: [D]`` -> ``[D]``: the rules of :func:`hvp_batched` on 2-D tensors,
     about half the tensor ops (the per-op overhead dominates one probe)."""
-    parts: list[Tensor] = []
+    # every selected parameter sits in a Linear, so the slices written below tile [0, D) exactly
+    out = v.new_empty(hvp.dim)
+    work, n = cache.work, cache.inputs[0].shape[0]
     with torch.no_grad():
         tangents: list[tuple[Tensor | None, Tensor | None]] = []
         for m, slot in zip(hvp.layers, hvp.slots):
             ws, bs = slot if slot is not None else (None, None)
             vw = None if ws is None else v[ws[0] : ws[0] + ws[1]].view(m.out_features, -1)
             tangents.append((vw, None if bs is None else v[bs[0] : bs[0] + bs[1]]))
+        # results go to reused workspace tensors: fresh ones cost page faults and cold cache
         rz: list[Tensor | None] = [None] * len(hvp.layers)
         r = None
         for i in range(hvp.first, len(hvp.layers)):
             m, rz[i] = hvp.layers[i], r
             if type(m) is nn.Linear:
                 vw, vb = tangents[i]
-                new = None if vw is None else cache.inputs[i] @ vw.T
-                if r is not None:
-                    new = r @ m.weight.T if new is None else new.addmm_(r, m.weight.T)
+                if vw is None and r is None:
+                    r = vb.expand(n, -1).clone()
+                    continue
+                new = work.get(("1z", i), (n, m.out_features), v)
+                if vw is not None:
+                    torch.mm(cache.inputs[i], vw.T, out=new)
+                    if r is not None:
+                        new.addmm_(r, m.weight.T)
+                else:
+                    torch.mm(r, m.weight.T, out=new)
                 if vb is not None:
-                    n = cache.inputs[i].shape[0]
-                    new = vb.expand(n, -1).clone() if new is None else new.add_(vb)
+                    new.add_(vb)
                 r = new
             elif r is not None:
-                r = r * cache.d1_2d[i]
+                r = torch.mul(r, cache.d1_2d[i], out=work.get(("1a", i), r.shape, v))
         rd = cache.out_hvp(r.unsqueeze(1))[:, 0]
         for i in range(len(hvp.layers) - 1, hvp.first - 1, -1):
             m = hvp.layers[i]
             if type(m) is not nn.Linear:
-                rd = rd * cache.d1_2d[i]
+                rd = torch.mul(rd, cache.d1_2d[i], out=work.get(("1rd", i), rd.shape, v))
                 if cache.d2_2d[i] is not None and rz[i] is not None:
                     rd.addcmul_(cache.d2_2d[i], rz[i])
                 continue
             (vw, _), slot = tangents[i], hvp.slots[i]
             if slot is not None and slot[1] is not None:
-                parts.append((slot[1][0], rd.sum(0)))
+                torch.sum(rd, 0, out=out[slot[1][0] : slot[1][0] + slot[1][1]])
             if slot is not None and slot[0] is not None:
-                gw = rd.T @ cache.inputs[i]
+                off, num = slot[0]
+                gw = torch.mm(rd.T, cache.inputs[i], out=out[off : off + num].view(rd.shape[1], -1))
                 if rz[i] is not None:
                     gw.addmm_(cache.deltas_t[i], rz[i])
-                parts.append((slot[0][0], gw.view(-1)))
             if i > hvp.first:
-                new = rd @ m.weight
+                new = torch.mm(rd, m.weight, out=work.get(("1rdin", i), (n, m.in_features), v))
                 rd = new if vw is None else new.addmm_(cache.deltas[i], vw)
-    # every selected parameter sits in a Linear, so the parts tile [0, D) exactly
-    return torch.cat([t for _, t in sorted(parts, key=lambda x: x[0])])
+    return out
 
 
 def linear_tangent(
